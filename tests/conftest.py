@@ -1,0 +1,22 @@
+"""Shared pytest setup: CPU-only defaults and the `gpu` marker."""
+
+import os
+
+import pytest
+import torch
+
+# DeepSpeed picks its accelerator at import time; tests run on CPU unless CUDA exists.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

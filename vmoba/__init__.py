@@ -1,0 +1,1 @@
+"""VMoBA: Video Mixture-of-Block Attention (standalone; imports only torch)."""
