@@ -1,0 +1,159 @@
+"""The cached-latent dataset and its loader: lazy memory-mapped shard reads, bucketed distributed batches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from data.cache import load_manifest
+from data.config import DataConfig
+
+SPLITS = ("train", "val")
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """Samples of one split of a validated latent cache (see `data.cache.load_manifest`).
+
+    Item: ``{"latents": [C, F', H', W'], "text_emb": [S, D], "text_mask": [S] bool, "caption": str,
+    "key": str}`` in the cache dtype. Shards are opened lazily (memory-mapped) per process, so loader
+    workers never share a file handle and only touched samples are read.
+    """
+
+    def __init__(self, cfg: DataConfig, split: str, producer: dict | None = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        self.cache_dir = Path(cfg.cache_dir)
+        manifest = load_manifest(self.cache_dir, cfg, producer)
+        self.items = [
+            {**item, "file": shard["file"]}
+            for shard in manifest["shards"]
+            for item in shard["items"]
+            if item["split"] == split
+        ]
+        self.items.sort(key=lambda item: item["key"])  # independent of which rank cached what
+        self._handles: dict[str, object] = {}
+        self._pid = os.getpid()
+
+    def __len__(self):
+        return len(self.items)
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """The latent shape ``(C, F', H', W')`` of each sample: its bucket."""
+        return [tuple(item["latent_shape"]) for item in self.items]
+
+    def _shard(self, name: str):
+        if os.getpid() != self._pid:  # forked into a worker: open our own handles
+            self._handles, self._pid = {}, os.getpid()
+        if name not in self._handles:
+            self._handles[name] = safe_open(str(self.cache_dir / name), framework="pt")
+        return self._handles[name]
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        shard = self._shard(item["file"])
+        tensors = {k: shard.get_tensor(f"{item['index']}.{k}") for k in ("latents", "text_emb", "text_mask")}
+        return {**tensors, "caption": item["caption"], "key": item["key"]}
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches of indices that never mix buckets (latent shapes), sharded over ranks.
+
+    Per epoch: indices are grouped by bucket, shuffled within a bucket (when ``shuffle``) with a
+    generator seeded by ``(seed, epoch)``, cut into batches of ``batch_size`` (the last one of a bucket
+    may be smaller, unless ``drop_last``), and the batches are shuffled. The batch list is padded by
+    repeating its first batches to a multiple of ``world_size``, and rank ``r`` takes batches
+    ``r, r + world_size, ...``, so every rank gets the same number of steps. Each pass starts the next
+    epoch; `set_epoch` picks one (e.g. when resuming).
+    """
+
+    def __init__(self, shapes, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False):  # fmt: skip
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.buckets: dict[tuple, list[int]] = {}
+        for i, shape in enumerate(shapes):
+            self.buckets.setdefault(tuple(shape), []).append(i)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        batches = []
+        for shape in sorted(self.buckets):
+            indices = self.buckets[shape]
+            if self.shuffle:
+                indices = [indices[j] for j in torch.randperm(len(indices), generator=generator)]
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[j] for j in torch.randperm(len(batches), generator=generator)]
+        if batches and len(batches) % self.world_size:
+            pad = self.world_size - len(batches) % self.world_size
+            batches += (batches * (pad // len(batches) + 1))[:pad]
+        return batches[self.rank :: self.world_size]
+
+    def __len__(self):
+        return len(self._batches(self.epoch))
+
+    def __iter__(self):
+        # A generator: the epoch advances when iteration starts, not on iter() (DataLoader calls iter()
+        # on its sampler more than once when it builds worker iterators).
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        yield from self._batches(epoch)
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack samples of one bucket: ``latents [B, C, F', H', W']``, ``text_emb [B, S, D]``,
+    ``text_mask [B, S]`` bool; ``caption`` and ``key`` as lists."""
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("latents", "text_emb", "text_mask")}
+    return {**batch, "caption": [s["caption"] for s in samples], "key": [s["key"] for s in samples]}
+
+
+def build_dataloader(
+    cfg: DataConfig,
+    split: str,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    producer: dict | None = None,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A loader over the cached latents of ``split`` ("train" shuffles, "val" keeps key order).
+
+    Yields ``{"latents": [B, C, F', H', W'], "text_emb": [B, S, D], "text_mask": [B, S] bool,
+    "caption": list[str], "key": list[str]}``; a batch never mixes buckets, the order is a function of
+    ``seed`` and the epoch (``loader.batch_sampler.set_epoch``), and ranks get disjoint batches of equal
+    count. ``producer`` (`data.cache.producer_description` of the model's VAE/text encoder and ``cfg``)
+    makes the cache check cover the encoders too. Raises `data.cache.StaleCacheError` for a missing,
+    incomplete, stale or mismatched cache, and ValueError when the train split is empty.
+    """
+    dataset = CachedLatentDataset(cfg, split, producer)
+    if split == "train" and len(dataset) == 0:
+        raise ValueError(
+            f"the latent cache {cfg.cache_dir} has no train samples (data.val_fraction / data.val_keys?)"
+        )
+    sampler = BucketBatchSampler(
+        dataset.shapes(), batch_size, shuffle=split == "train", seed=seed, rank=rank, world_size=world_size,
+        drop_last=drop_last,
+    )  # fmt: skip
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=cfg.num_workers > 0,
+    )

@@ -1,0 +1,272 @@
+"""Attention processors that run full (SDPA) or VMoBA attention inside diffusers video DiTs.
+
+diffusers' attention-backend registry is a closed enum, so VMoBA plugs in as a *processor* on each
+block's self-attention (`attn1`); Wan's cross-attention (`attn2`) is untouched. A processor reproduces
+the model's own processor (projections, q/k norms, RoPE, output projection) and hands `q, k, v` to a
+*kernel* bound to its layer:
+
+- `FullAttention`: dense SDPA (PyTorch picks its fastest backend) -- the baseline;
+- `VMoBAAttention`: `vmoba.vmoba_attention` on the latent token grid.
+
+Processors and kernels own no parameters, so one checkpoint loads and trains with either attention.
+Processors do not receive the latent shape, so `install_attention` adds a forward pre-hook on the
+transformer that sets the token grid `(F/pt, H/ph, W/pw)` on the controller at every forward. VMoBA's
+selection is a deterministic function of `q, k`, so activation checkpointing recomputes the same mask.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
+
+import vmoba
+from models.cogvideox import CogVideoXSelfAttnProcessor, cogvideox_grid, cogvideox_self_attention
+from models.config import AttentionConfig
+
+Grid = tuple[int, int, int]
+
+
+class AttentionController:
+    """Per-model state shared by the installed processors (returned by `install_attention`).
+
+    Attributes:
+        cfg: the installed `AttentionConfig`.
+        step: the denoising step passed to VMoBA (None in training; `set_denoising_step`).
+        grid: token grid (T, H, W) of the current forward, set by the transformer's pre-hook.
+        measure_recall: when True each layer also records `recall/layer_XX` (1 for full attention).
+        recall_queries: how many query tokens `vmoba.attention_recall` samples per layer.
+    """
+
+    def __init__(self, cfg: AttentionConfig):
+        self.cfg = cfg
+        self.step: int | None = None
+        self.grid: Grid | None = None
+        self.measure_recall = False
+        self.recall_queries = 64
+        self._stats: dict[str, torch.Tensor] = {}
+        self._hook = None
+
+    def set_denoising_step(self, step: int | None) -> None:
+        """Set the sampling step (VMoBA runs dense for `step < dense_first_steps`); None for training."""
+        self.step = step
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Latest per-layer statistics, e.g. `{"density/layer_00": tensor(0.31), "recall/layer_00": ...}`.
+
+        Scalar float tensors, detached and still on the model's device: nothing syncs until the caller
+        reads them (`.item()`/`float()` at logging time).
+        """
+        return dict(self._stats)
+
+    def record(self, layer_idx: int, name: str, value: torch.Tensor) -> None:
+        """Store `value` (any shape; reduced to its mean) as `<name>/layer_<idx>`."""
+        self._stats[f"{name}/layer_{layer_idx:02d}"] = value.detach().float().mean()
+
+    def remove(self) -> None:
+        """Detach the grid hook (processors stay until the next `install_attention`)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention, q, k, v: [B, N, H, D], mask: bool [B, H, N, N] (True = attend) -> [B, N, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2)
+
+
+class FullAttention:
+    """Dense softmax attention of one layer: `(q, k, v: [B, N, H, D], num_text) -> [B, N, H, D]`."""
+
+    def __init__(self, controller: AttentionController, layer_idx: int):
+        self.controller = controller
+        self.layer_idx = layer_idx
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int = 0) -> torch.Tensor:
+        one = torch.ones((), device=q.device)
+        self.controller.record(self.layer_idx, "density", one)
+        if self.controller.measure_recall:
+            self.controller.record(self.layer_idx, "recall", one)
+        return _sdpa(q, k, v)
+
+
+class VMoBAAttention:
+    """VMoBA attention of one layer on the controller's token grid.
+
+    `q, k, v: [B, S + L, H, D]` with `S = num_text` text tokens first and `L = T*H*W` video tokens in
+    raster order; returns `[B, S + L, H, D]`. Without text this is `vmoba.vmoba_attention`. With text
+    (joint-attention models): text queries attend densely to every key; video queries attend to every text
+    key plus the video blocks VMoBA selects from the video tokens alone (`_joint_mask`).
+    """
+
+    def __init__(self, controller: AttentionController, layer_idx: int):
+        self.controller = controller
+        self.layer_idx = layer_idx
+        self.vmoba_cfg = controller.cfg.to_vmoba()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int = 0) -> torch.Tensor:
+        ctrl, grid, cfg = self.controller, self.controller.grid, self.vmoba_cfg
+        if grid is None:
+            raise RuntimeError("VMoBA attention called outside a transformer forward: no token grid was set")
+        stats: dict[str, torch.Tensor] = {}
+        if num_text == 0:
+            out = vmoba.vmoba_attention(
+                q,
+                k,
+                v,
+                grid,
+                cfg,
+                layer_idx=self.layer_idx,
+                backend=ctrl.cfg.backend,
+                step=ctrl.step,
+                stats=stats,
+            )
+        elif cfg.is_dense(self.layer_idx, ctrl.step):
+            out = _sdpa(q, k, v)
+            stats["density"] = torch.ones((), device=q.device)
+        else:
+            out = _sdpa(q, k, v, self._joint_mask(q[:, num_text:], k[:, num_text:], grid, num_text, stats))
+        for name, value in stats.items():
+            ctrl.record(self.layer_idx, name, value)
+        if ctrl.measure_recall:
+            ctrl.record(self.layer_idx, "recall", self._recall(q[:, num_text:], k[:, num_text:], grid))
+        return out
+
+    @torch.no_grad()
+    def _recall(self, qv: torch.Tensor, kv: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Softmax mass the selection covers, [H] (1 where this layer/step runs dense). The query sample
+        comes from a per-layer seeded generator: repeatable, and the global RNG stays untouched."""
+        if self.vmoba_cfg.is_dense(self.layer_idx, self.controller.step):
+            return torch.ones((), device=qv.device)
+        generator = torch.Generator().manual_seed(self.layer_idx)
+        n = self.controller.recall_queries
+        return vmoba.attention_recall(qv, kv, grid, self.vmoba_cfg, self.layer_idx, n, generator=generator)
+
+    @torch.no_grad()
+    def _joint_mask(
+        self, qv: torch.Tensor, kv: torch.Tensor, grid: Grid, num_text: int, stats: dict
+    ) -> torch.Tensor:
+        """bool [B, H, S + L, S + L] joint-attention mask from the VMoBA selection on video q, k [B, L, H, D].
+
+        A dense mask, so joint models run VMoBA's exact selection at dense cost: a sparse kernel that
+        also returns the softmax log-sum-exp would merge the text keys instead (docs/models.md).
+        """
+        cfg = self.vmoba_cfg
+        kind = cfg.partition_for_layer(self.layer_idx)
+        block = cfg.block_for(kind)
+        layout = vmoba.block_layout(grid, kind, block)
+        ones = torch.ones(1, layout.num_tokens, device=qv.device)
+        valid = vmoba.partition(ones, grid, kind, block)[0].bool()  # (C*V,) real tokens in block order
+        qb, kb = vmoba.partition(qv, grid, kind, block), vmoba.partition(kv, grid, kind, block)
+        sel = vmoba.select_blocks(
+            qb,
+            kb,
+            layout.padded_volume,
+            selection=cfg.selection,
+            scope=cfg.scope,
+            threshold=cfg.threshold,
+            topk=cfg.topk_for(kind),
+            granularity=cfg.granularity,
+            valid=valid,
+        )  # (B, H, rows, C): rows = C*V slots (token granularity) or C blocks
+        stats.update(vmoba.selection_stats(sel, layout, valid))
+        slots = torch.arange(layout.length, device=qv.device)
+        slot_of_token = vmoba.unpartition(slots[None, :, None], grid, kind, block)[0, :, 0]  # (L,)
+        block_of_token = slot_of_token // layout.padded_volume
+        row_of_token = slot_of_token if sel.shape[2] == layout.length else block_of_token
+        video = sel[:, :, row_of_token][..., block_of_token]  # (B, H, L, L) raster order
+        return F.pad(video, (num_text, 0, num_text, 0), value=True)
+
+
+def _wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved pairs: x [B, L, H, D], freqs [1, L, 1, D] -> [B, L, H, D]."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class WanSelfAttnProcessor:
+    """diffusers' `WanAttnProcessor` for self-attention, with the attention call replaced by `kernel`."""
+
+    def __init__(self, kernel: FullAttention | VMoBAAttention):
+        self.kernel = kernel
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: [B, L, C] video tokens in raster order -> [B, L, C]."""
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("WanSelfAttnProcessor is for self-attention (attn1): no context, no mask")
+        q, k, v = _get_qkv_projections(attn, hidden_states, None)  # (B, L, H*D) each
+        q, k = attn.norm_q(q), attn.norm_k(k)  # RMS norm across heads, as Wan does
+        q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))  # (B, L, H, D)
+        if rotary_emb is not None:
+            q, k = _wan_rope(q, *rotary_emb), _wan_rope(k, *rotary_emb)
+        out = self.kernel(q, k, v).flatten(2, 3).type_as(q)  # (B, L, H*D)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _wan_grid(model: WanTransformer3DModel, hidden_states: torch.Tensor) -> Grid:
+    """Token grid (T, H, W) of Wan latents `hidden_states: [B, C, F, H, W]`."""
+    p_t, p_h, p_w = model.config.patch_size
+    _, _, frames, height, width = hidden_states.shape
+    return frames // p_t, height // p_h, width // p_w
+
+
+class _Family(NamedTuple):
+    """How a model family exposes its self-attention layers, its token grid and its processor."""
+
+    self_attention: Callable[[ModelMixin], list]
+    grid: Callable[[ModelMixin, torch.Tensor], Grid]
+    processor: type
+
+
+_FAMILIES: dict[type, _Family] = {
+    WanTransformer3DModel: _Family(lambda m: [b.attn1 for b in m.blocks], _wan_grid, WanSelfAttnProcessor),
+    CogVideoXTransformer3DModel: _Family(
+        cogvideox_self_attention, cogvideox_grid, CogVideoXSelfAttnProcessor
+    ),
+}
+
+
+def install_attention(model: ModelMixin, cfg: AttentionConfig) -> AttentionController:
+    """Install full or VMoBA self-attention processors (per `cfg.type`) on every block of `model`.
+
+    Re-installing replaces the processors and the grid hook in place (the weights are untouched), so
+    one model switches between full and VMoBA attention. Returns the controller the processors share.
+    """
+    family = _FAMILIES.get(type(model))
+    if family is None:
+        raise TypeError(
+            f"install_attention: unsupported model {type(model).__name__}; "
+            f"supported: {[cls.__name__ for cls in _FAMILIES]}"
+        )
+    previous = getattr(model, "_attention_controller", None)
+    if previous is not None:
+        previous.remove()
+
+    controller = AttentionController(cfg)
+    kernel_cls = VMoBAAttention if cfg.type == "vmoba" else FullAttention
+    for layer_idx, attn in enumerate(family.self_attention(model)):
+        attn.set_processor(family.processor(kernel_cls(controller, layer_idx)))
+
+    def set_grid(module, args, kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        controller.grid = family.grid(module, hidden_states)
+
+    controller._hook = model.register_forward_pre_hook(set_grid, with_kwargs=True)
+    model._attention_controller = controller
+    return controller

@@ -1,0 +1,298 @@
+"""models/: config validation, builders (arch + save/from_pretrained), Wan attention processors, and a CPU
+smoke run of scripts/bench_train.py."""
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.models.transformers import transformer_wan
+from hydra import compose, initialize_config_dir
+from omegaconf.errors import ConfigKeyError
+
+import vmoba
+from models.attention import FullAttention, VMoBAAttention, install_attention
+from models.config import AttentionConfig, ModelConfig, TransformerConfig, from_hydra
+from models.encoders import TEXT_ARCHS, VAE_ARCHS
+from models.transformer import TRANSFORMER_ARCHS, build_transformer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Tiny demo grid blocks (configs/attention/vmoba.yaml): several blocks in every partition of 5x8x8.
+TINY_BLOCKS = dict(block_1d=1, block_2d=(2, 4), block_3d=(2, 4, 4), granularity="token")
+ALL_BLOCKS = dict(selection="topk", topk_1d=64, topk_2d=64, topk_3d=64)
+
+
+def _inputs(shape=(2, 4, 5, 16, 16), seed=0, dtype=torch.float64):
+    """Random Wan inputs: latents [B, C, F, H, W], timesteps [B], text embeddings [B, S, 32]."""
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(shape, generator=g, dtype=dtype)
+    text = torch.randn(shape[0], 7, 32, generator=g, dtype=dtype)
+    t = torch.rand(shape[0], generator=g, dtype=dtype) * 1000
+    return latents, t, text
+
+
+def _wan(dtype=torch.float64):
+    return build_transformer(TransformerConfig(arch="tiny")).to(dtype)
+
+
+def _run(model, inputs):
+    latents, t, text = inputs
+    return model(latents, t, text).sample
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_attention_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"attention\.type='sparse'.*\['full', 'vmoba'\]"):
+        AttentionConfig(type="sparse")
+    with pytest.raises(ValueError, match=r"attention\.backend='cuda'.*flash_varlen"):
+        AttentionConfig(backend="cuda")
+    with pytest.raises(ValueError, match=r"attention\.threshold"):
+        from_hydra(AttentionConfig, {"threshold": 1.5})
+    with pytest.raises(ConfigKeyError, match="blok_1d"):
+        from_hydra(AttentionConfig, {"blok_1d": 2})
+
+
+def test_attention_config_to_vmoba_keeps_every_field():
+    cfg = from_hydra(
+        AttentionConfig, {"type": "vmoba", "block_2d": [2, 4], "scope": "head", "threshold": 0.3}
+    )
+    v = cfg.to_vmoba()
+    assert type(v) is vmoba.VMoBAConfig
+    assert (v.block_2d, v.scope, v.threshold) == ((2, 4), "head", 0.3)
+
+
+def test_transformer_and_model_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"model\.transformer\.arch='huge'.*'tiny'"):
+        TransformerConfig(arch="huge")
+    with pytest.raises(ValueError, match=r"model\.transformer\.dtype='int8'"):
+        TransformerConfig(dtype="int8")
+    with pytest.raises(ValueError, match=r"exactly one of model\.transformer\.arch"):
+        TransformerConfig(arch="tiny", pretrained="/some/dir")
+    with pytest.raises(ValueError, match=r"exactly one of model\.transformer\.arch"):
+        TransformerConfig(arch=None)
+    with pytest.raises(ValueError, match=r"model\.family='sd3'"):
+        ModelConfig(family="sd3")
+    with pytest.raises(ValueError, match=r"model\.transformer\.arch='tiny' is a 'wan'.*\['cogvideox-tiny'"):
+        ModelConfig(family="cogvideox")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")))
+def test_model_yaml_validates(name):
+    with initialize_config_dir(str(CONFIGS / "model"), version_base=None):
+        cfg = from_hydra(ModelConfig, compose(config_name=name))
+    arch = cfg.transformer.arch
+    assert TRANSFORMER_ARCHS[arch].family == cfg.family
+    # The transformer's latent channels and text width match the configured VAE and text encoder.
+    kwargs = TRANSFORMER_ARCHS[arch].build.keywords
+    z_dim = VAE_ARCHS[cfg.vae.arch].get(
+        "z_dim", inspect.signature(AutoencoderKLWan).parameters["z_dim"].default
+    )
+    assert kwargs["in_channels"] == kwargs["out_channels"] == z_dim
+    assert (
+        kwargs.get("text_dim", kwargs.get("text_embed_dim")) == TEXT_ARCHS[cfg.text_encoder.arch]["d_model"]
+    )
+    if cfg.family == "cogvideox":  # CogVideoX needs prompts of exactly max_text_seq_length tokens
+        assert cfg.text_encoder.max_length == kwargs["max_text_seq_length"]
+
+
+def test_attention_yamls_compose_with_their_semantics():
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        load = {
+            n: from_hydra(AttentionConfig, compose(overrides=[f"+attention={n}"]).attention)
+            for n in ("full", "vmoba", "vmoba_global", "vmoba_topk", "vmoba_wan2.1")
+        }
+    assert load["full"].type == "full"
+    seed = load["vmoba"]
+    assert (seed.type, seed.selection, seed.threshold, seed.scope, seed.granularity) == (
+        "vmoba",
+        "threshold",
+        0.25,
+        "query",
+        "token",
+    )
+    assert load["vmoba_global"].scope == "head" and load["vmoba_global"].threshold == 0.25
+    assert (load["vmoba_topk"].selection, load["vmoba_topk"].granularity) == ("topk", "block")
+    assert load["vmoba_wan2.1"].block_3d == (4, 4, 8)
+    # The tiny block sizes leave several blocks in every partition of the demo grid (5x8x8 tokens).
+    for kind in ("1d", "2d", "3d"):
+        assert vmoba.block_layout((5, 8, 8), kind, seed.block_for(kind)).num_blocks >= 4
+
+
+# ---------------------------------------------------------------- builders
+
+
+def test_tiny_arch_is_seeded_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a, b = build_transformer(TransformerConfig()), build_transformer(TransformerConfig())
+    c = build_transformer(TransformerConfig(seed=1))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    latents, t, text = _inputs(shape=(1, 4, 5, 16, 16), dtype=torch.float32)
+    assert a(latents, t, text).sample.shape == latents.shape
+
+
+@pytest.mark.parametrize("subfolder", [None, "transformer"])
+def test_save_pretrained_roundtrip_gives_equal_outputs(tmp_path, subfolder):
+    model = build_transformer(TransformerConfig(seed=3))
+    model.save_pretrained(tmp_path / (subfolder or ""))
+    loaded = build_transformer(TransformerConfig(arch=None, pretrained=str(tmp_path), subfolder=subfolder))
+    assert type(loaded) is type(model)
+    inputs = _inputs(dtype=torch.float32)
+    torch.testing.assert_close(_run(loaded, inputs), _run(model, inputs), rtol=0, atol=0)
+    half = build_transformer(
+        TransformerConfig(arch=None, pretrained=str(tmp_path), subfolder=subfolder, dtype="bfloat16")
+    )
+    assert half.proj_out.weight.dtype == torch.bfloat16
+
+
+def test_missing_pretrained_names_the_key(tmp_path):
+    with pytest.raises(OSError, match=r"model\.transformer\.pretrained=.*nowhere"):
+        build_transformer(TransformerConfig(arch=None, pretrained=str(tmp_path / "nowhere")))
+
+
+# ---------------------------------------------------------------- Wan processors
+
+
+def test_full_processor_equals_diffusers_wan_processor():
+    model, inputs = _wan(), _inputs()
+    expected = _run(model, inputs)  # diffusers' own WanAttnProcessor everywhere
+    install_attention(model, AttentionConfig(type="full"))
+    assert all(isinstance(b.attn1.processor.kernel, FullAttention) for b in model.blocks)
+    assert all(type(b.attn2.processor) is transformer_wan.WanAttnProcessor for b in model.blocks)
+    torch.testing.assert_close(_run(model, inputs), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("granularity", ["token", "block"])
+def test_vmoba_with_every_block_selected_equals_full(granularity):
+    model, inputs = _wan(), _inputs()
+    install_attention(model, AttentionConfig(type="full"))
+    full = _run(model, inputs)
+    install_attention(
+        model, AttentionConfig(type="vmoba", **{**TINY_BLOCKS, **ALL_BLOCKS, "granularity": granularity})
+    )
+    torch.testing.assert_close(_run(model, inputs), full, rtol=0, atol=1e-10)
+
+
+def test_sparse_vmoba_matches_hand_built_reference(monkeypatch):
+    """Diffusers' own Wan processor with its self-attention call replaced by the VMoBA reference backend
+    (layer index = order of the call) must equal the installed VMoBA processors, and differ from full."""
+    cfg = AttentionConfig(type="vmoba", **TINY_BLOCKS)
+    model, inputs = _wan(), _inputs()
+    full = _run(model, inputs)
+    grid, calls = (5, 8, 8), []
+    dispatch = transformer_wan.dispatch_attention_fn
+
+    def reference_self_attention(query, key, value, **kwargs):
+        if key.shape[1] != query.shape[1]:  # cross-attention: untouched
+            return dispatch(query, key, value, **kwargs)
+        calls.append(len(calls))
+        return vmoba.vmoba_attention(
+            query, key, value, grid, cfg.to_vmoba(), layer_idx=calls[-1], backend="reference"
+        )
+
+    monkeypatch.setattr(transformer_wan, "dispatch_attention_fn", reference_self_attention)
+    expected = _run(model, inputs)
+    monkeypatch.undo()
+    assert calls == [0, 1, 2]
+    install_attention(model, cfg)
+    out = _run(model, inputs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+    assert (out - full).abs().max() > 1e-3
+
+
+def test_grid_hook_follows_non_square_inputs():
+    model = _wan()
+    ctrl = install_attention(model, AttentionConfig(type="vmoba", **TINY_BLOCKS))
+    for shape, grid in (((1, 4, 3, 8, 12), (3, 4, 6)), ((1, 4, 2, 16, 10), (2, 8, 5))):
+        latents, t, text = _inputs(shape=shape)
+        assert model(hidden_states=latents, timestep=t, encoder_hidden_states=text).sample.shape == shape
+        assert ctrl.grid == grid
+
+
+def test_gradients_with_checkpointing_match_and_reach_every_weight():
+    """Activation checkpointing recomputes the same VMoBA selection: gradients equal the plain run."""
+    inputs = _inputs(shape=(1, 4, 5, 16, 16))
+    weight = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = []
+    for checkpointing in (False, True):
+        model = _wan()
+        install_attention(model, AttentionConfig(type="vmoba", **TINY_BLOCKS))
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        (_run(model, inputs) * weight).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    plain, ckpt = grads
+    for name, g in plain.items():
+        assert g is not None and torch.isfinite(g).all(), name
+        torch.testing.assert_close(ckpt[name], g, rtol=1e-9, atol=1e-12)
+    assert all(plain[f"blocks.{i}.attn1.to_q.weight"].abs().sum() > 0 for i in range(3))
+
+
+def test_stats_per_layer_and_recall():
+    model, inputs = _wan(), _inputs(shape=(1, 4, 5, 16, 16))
+    ctrl = install_attention(model, AttentionConfig(type="vmoba", **TINY_BLOCKS))
+    _run(model, inputs)
+    stats = ctrl.stats()
+    assert {f"density/layer_{i:02d}" for i in range(3)} <= set(stats)
+    assert not any(k.startswith("recall") for k in stats)
+    assert all(
+        0 < stats[f"density/layer_{i:02d}"] < 1 and not stats[f"density/layer_{i:02d}"].requires_grad
+        for i in range(3)
+    )
+    ctrl.measure_recall = True
+    rng = torch.random.get_rng_state()
+    _run(model, inputs)
+    recall = {k: v for k, v in ctrl.stats().items() if k.startswith("recall/")}
+    assert sorted(recall) == [f"recall/layer_{i:02d}" for i in range(3)]
+    assert all(0 < v < 1 for v in recall.values())
+    _run(model, inputs)  # the query sample is seeded per layer: repeatable, global RNG untouched
+    assert all(torch.equal(ctrl.stats()[k], v) for k, v in recall.items())
+    assert torch.equal(torch.random.get_rng_state(), rng)
+
+    ctrl = install_attention(model, AttentionConfig(type="vmoba", **{**TINY_BLOCKS, **ALL_BLOCKS}))
+    ctrl.measure_recall = True
+    _run(model, inputs)
+    assert all(abs(ctrl.stats()[f"recall/layer_{i:02d}"] - 1) < 1e-6 for i in range(3))
+
+    ctrl = install_attention(model, AttentionConfig(type="full"))  # switches in place
+    ctrl.measure_recall = True
+    _run(model, inputs)
+    assert ctrl.stats() == {
+        f"{n}/layer_{i:02d}": torch.tensor(1.0) for n in ("density", "recall") for i in range(3)
+    }
+
+
+def test_dense_first_steps_follow_the_denoising_step():
+    model, inputs = _wan(), _inputs(shape=(1, 4, 5, 16, 16))
+    install_attention(model, AttentionConfig(type="full"))
+    full = _run(model, inputs)
+    ctrl = install_attention(model, AttentionConfig(type="vmoba", dense_first_steps=2, **TINY_BLOCKS))
+    assert all(isinstance(b.attn1.processor.kernel, VMoBAAttention) for b in model.blocks)
+    ctrl.set_denoising_step(1)
+    ctrl.measure_recall = True
+    torch.testing.assert_close(_run(model, inputs), full, rtol=0, atol=1e-10)
+    assert all(ctrl.stats()[f"{n}/layer_{i:02d}"] == 1 for n in ("density", "recall") for i in range(3))
+    ctrl.set_denoising_step(2)
+    assert (_run(model, inputs) - full).abs().max() > 1e-3
+
+
+def test_bench_train_cpu_smoke_run_switches_attention_on_one_engine():
+    """scripts/bench_train.py on CPU (gloo, ZeRO-2, tiny Wan): both rows, and the VMoBA row's density is
+    the configured fixed top-k density of vmoba_topk on a 4x8x8 grid: mean(2/4, 3/8, 4/8)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+    args = ["--arch", "tiny", "--grid", "4x8x8", "--text-len", "16", "--warmup", "1", "--steps", "1"]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {
+        r.split("|")[1].strip(): r.split("|")[2:-1] for r in run.stdout.splitlines() if r.startswith("| ")
+    }
+    assert set(rows) == {"attention", "---", "vmoba (vmoba_topk)", "full"}
+    assert float(rows["vmoba (vmoba_topk)"][3]) == pytest.approx((2 / 4 + 3 / 8 + 4 / 8) / 3, abs=1e-3)
+    assert float(rows["full"][3]) == 1.0 and float(rows["full"][0]) > 0
+    assert "full/VMoBA step-time ratio" in run.stdout

@@ -1,0 +1,59 @@
+"""Resumable pieces without an engine: the data stream's position, the `latest` pointer, EMA arithmetic."""
+
+import pytest
+import torch
+
+from training.checkpoint import Checkpointer
+from training.data_stream import DataStream
+from training.ema import EMA
+
+
+def make_loader(epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(epoch)
+    return torch.randperm(5, generator=g).tolist()  # a different order every epoch, as a seeded sampler gives
+
+
+def test_data_stream_resumes_at_the_same_batch_across_epochs():
+    stream = DataStream(make_loader)
+    uninterrupted = [next(stream) for _ in range(13)]
+    first = DataStream(make_loader)
+    head = [next(first) for _ in range(7)]
+    assert first.state_dict() == {"epoch": 1, "batch": 2}
+    resumed = DataStream(make_loader)
+    resumed.load_state_dict(first.state_dict())
+    assert head + [next(resumed) for _ in range(6)] == uninterrupted
+
+
+def test_data_stream_refuses_an_empty_split():
+    with pytest.raises(RuntimeError, match="yielded no batch"):
+        next(DataStream(lambda epoch: []))
+
+
+def test_latest_pointer_must_name_a_complete_checkpoint(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.latest() is None
+    (tmp_path / "step_000004").mkdir()
+    (tmp_path / "latest").write_text("step_000004\n")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.latest()
+    (tmp_path / "step_000004" / "trainer_state.json").write_text("{}")
+    assert ckpt.latest() == tmp_path / "step_000004"
+
+
+def test_ema_matches_the_recurrence_in_float64_and_swaps_back():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    reference = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        for n, p in model.named_parameters():
+            reference[n] = 0.9 * reference[n] + 0.1 * p.detach().double()
+    current = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.applied(model):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.double(), reference[n], rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(p, current[n]) for n, p in model.named_parameters())

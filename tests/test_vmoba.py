@@ -1,0 +1,369 @@
+"""vmoba on CPU: config/argument validation, partition, selection semantics, backends vs a float64 oracle."""
+
+import itertools
+
+import pytest
+import torch
+
+import vmoba
+from vmoba import (
+    VMoBAConfig,
+    attention_recall,
+    block_layout,
+    partition,
+    select_blocks,
+    unpartition,
+    vmoba_attention,
+)
+from vmoba.partition import valid_mask
+
+GRID = (5, 4, 5)  # divides none of the blocks below: every layout has padded blocks
+BLOCKS = {"1d": 2, "2d": (3, 2), "3d": (2, 3, 2)}
+
+
+def make_config(kind, **kw):
+    blocks = {"block_1d": BLOCKS["1d"], "block_2d": list(BLOCKS["2d"]), "block_3d": list(BLOCKS["3d"])}
+    return VMoBAConfig(partitions=[kind], **{**blocks, **kw})
+
+
+def rand_qkv(B=2, H=2, D=32, grid=GRID, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = grid[0] * grid[1] * grid[2]
+    return [torch.randn(B, L, H, D, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def raster_blocks(grid, cube):
+    """(block id, slot in a padded-cube layout) of every raster token, from its coordinates."""
+    T, H, W = grid
+    ct, ch, cw = cube
+    nh, nw = -(-H // ch), -(-W // cw)
+    t, h, w = (
+        x.flatten() for x in torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W), indexing="ij")
+    )
+    block = ((t // ct) * nh + h // ch) * nw + w // cw
+    slot = block * (ct * ch * cw) + ((t % ct) * ch + h % ch) * cw + w % cw
+    return block, slot
+
+
+def oracle(q, k, v, grid, config, layer_idx=0):
+    """float64 dense attention under the selection's token mask, built from raster coordinates."""
+    kind = config.partition_for_layer(layer_idx)
+    layout = block_layout(grid, kind, config.block_for(kind))
+    block, slot = raster_blocks(grid, layout.cube)
+    sel = select_blocks(
+        partition(q.detach(), grid, kind, config.block_for(kind)),
+        partition(k.detach(), grid, kind, config.block_for(kind)),
+        layout.volume,
+        selection=config.selection,
+        scope=config.scope,
+        threshold=config.threshold,
+        topk=config.topk_for(kind),
+        granularity=config.granularity,
+        valid=valid_mask(layout, q.device),
+    )
+    rows = sel[:, :, slot] if config.granularity == "token" else sel[:, :, block]
+    mask = rows[..., block]  # [B, H, L, L]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~mask, -torch.inf).softmax(-1), v.double())
+    return out, mask
+
+
+def grads(out, inputs, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, g.to(out.dtype))
+
+
+# ---------------------------------------------------------------- config and argument validation
+
+
+def test_config_from_plain_types_and_layer_cycle():
+    cfg = VMoBAConfig(**{"partitions": ["3d", "1d"], "block_2d": [2, 2], "block_3d": [1, 2, 2], "topk_3d": 4})
+    assert cfg.block_2d == (2, 2) and cfg.block_3d == (1, 2, 2)
+    assert [cfg.partition_for_layer(i) for i in range(3)] == ["3d", "1d", "3d"]
+    assert cfg.topk_for("3d") == 4
+    assert VMoBAConfig(dense_first_layers=2).is_dense(1, None) and not VMoBAConfig().is_dense(0, None)
+    assert VMoBAConfig(dense_first_steps=3).is_dense(5, 2) and not VMoBAConfig(dense_first_steps=3).is_dense(
+        5, None
+    )
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("partitions", ["4d"]),
+        ("block_1d", 0),
+        ("block_2d", [2]),
+        ("block_3d", [1, -1, 2]),
+        ("selection", "random"),
+        ("threshold", 0.0),
+        ("threshold", 1.5),
+        ("topk_2d", 0),
+        ("scope", "batch"),
+        ("granularity", "frame"),
+        ("dense_first_steps", -1),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        VMoBAConfig(**{field: value})
+
+
+def test_attention_rejects_bad_arguments():
+    q, k, v = rand_qkv(B=1, H=1, D=8)
+    cfg = make_config("3d")
+    cases = [
+        ((q, k[:, :-1], v, GRID, cfg), {}, "q, k, v"),
+        ((q, k.float(), v, GRID, cfg), {}, "dtype"),
+        ((q, k, v, (3, 4, 4), cfg), {}, "T\\*H\\*W"),
+        ((q, k, v, GRID, make_config("3d", block_3d=[6, 1, 1])), {}, "block"),
+        ((q, k, v, GRID, cfg), {"backend": "cuda"}, "backend"),
+    ]
+    for args, kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            vmoba_attention(*args, **kw)
+    for kw, match in [
+        ({"scope": "batch"}, "scope"),
+        ({"threshold": 2.0}, "threshold"),
+        ({"topk": 0}, "topk"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            select_blocks(q, k, 4, **kw)
+
+
+# ---------------------------------------------------------------- partition
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+@pytest.mark.parametrize("pad_to", [1, 16])
+def test_partition_places_tokens_by_coordinates_and_inverts(kind, pad_to):
+    L = GRID[0] * GRID[1] * GRID[2]
+    x = torch.randn(2, L, 3)
+    xb = partition(x, GRID, kind, BLOCKS[kind], pad_to=pad_to)
+    layout = block_layout(GRID, kind, BLOCKS[kind], pad_to)
+    assert xb.shape == (2, layout.length, 3)
+    _, slot = raster_blocks(GRID, layout.cube)
+    slot = slot // layout.volume * layout.padded_volume + slot % layout.volume
+    torch.testing.assert_close(xb[:, slot], x, rtol=0, atol=0)
+    valid = valid_mask(layout, x.device)
+    assert int(valid.sum()) == L and valid[slot].all()
+    assert (xb[:, ~valid] == 0).all()
+    torch.testing.assert_close(unpartition(xb, GRID, kind, BLOCKS[kind], pad_to=pad_to), x, rtol=0, atol=0)
+
+
+def test_1d_partition_of_a_dividing_grid_is_the_identity():
+    x = torch.randn(1, 4 * 2 * 3, 2)
+    torch.testing.assert_close(partition(x, (4, 2, 3), "1d", 2), x, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- selection semantics
+
+
+def seed_threshold(scores, own, tau):
+    """The seed's per-(head, query) threshold rule, written as loops: scores [R, C] -> bool [R, C]."""
+    out = torch.zeros(scores.shape, dtype=torch.bool)
+    for r in range(scores.shape[0]):
+        g = scores[r].double()
+        span = g.max() - g.min()
+        n = (g - g.min()) / (span if span > 1e-6 else 1.0)
+        need = max(tau - n[own[r]] / n.sum(), 0.0)
+        out[r, own[r]] = True
+        covered = 0.0
+        for j, c in enumerate(sorted((c for c in range(len(n)) if c != own[r]), key=lambda c: -n[c])):
+            if j > 0 and covered >= need:
+                break
+            out[r, c] = True
+            covered += n[c] / n.sum()
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["token", "block"])
+def test_query_scope_matches_the_seed_rules(granularity):
+    B, L, H, D, S = 2, 40, 2, 16, 8
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(B, L, H, D, generator=g) for _ in range(2))
+    kbar = k.double().view(B, L // S, S, H, D).mean(2)
+    rows = q.double() if granularity == "token" else q.double().view(B, L // S, S, H, D).mean(2)
+    scores = torch.einsum("brhd,bchd->bhrc", rows, kbar)
+    own = torch.arange(rows.shape[1]) // (S if granularity == "token" else 1)
+    sel = select_blocks(q, k, S, selection="threshold", threshold=0.25, granularity=granularity)
+    topk = select_blocks(q, k, S, selection="topk", topk=3, granularity=granularity)
+    for b, h in itertools.product(range(B), range(H)):
+        assert torch.equal(sel[b, h], seed_threshold(scores[b, h], own, 0.25))
+        others = scores[b, h].clone()
+        others[torch.arange(len(own)), own] = -torch.inf
+        expected = torch.zeros_like(topk[b, h]).scatter(-1, others.topk(2, -1).indices, True)
+        expected[torch.arange(len(own)), own] = True
+        assert torch.equal(topk[b, h], expected)
+
+
+@pytest.mark.parametrize("scope", ["query", "head", "block", "overall"])
+def test_selection_properties(scope):
+    B, L, H, D, S = 2, 45, 3, 16, 8  # the last block is shorter
+    q, k = (torch.randn(B, L, H, D, generator=torch.Generator().manual_seed(s)) for s in (5, 6))
+    C = -(-L // S)
+    own = torch.arange(L) // S
+    sel = select_blocks(q, k, S, selection="threshold", scope=scope, threshold=0.3)
+    assert sel.shape == (B, H, L, C) and sel[:, :, torch.arange(L), own].all()
+    if scope == "query":  # own block plus at least one other per query; shared scopes may give none
+        assert sel.sum(-1).min() >= 2
+    assert (sel.sum((1, 2, 3)) > H * L).all()
+    assert torch.equal(sel, select_blocks(q, k, S, selection="threshold", scope=scope, threshold=0.3))
+    assert select_blocks(q, k, S, selection="threshold", scope=scope, threshold=1.0).all()
+    topk = select_blocks(q, k, S, selection="topk", scope=scope, topk=3)
+    per_set = {"query": topk.sum(-1), "head": topk.sum((2, 3)), "overall": topk.sum((1, 2, 3))}
+    if scope in per_set:  # own blocks plus exactly (k - 1) per query in the set
+        n_rows = {"query": 1, "head": L, "overall": H * L}[scope]
+        assert (per_set[scope] == 3 * n_rows).all()
+    assert select_blocks(q, k, S, selection="topk", scope=scope, topk=C).all()
+
+
+@pytest.mark.parametrize("scope, dims", [("query", (-1,)), ("head", (-2, -1))])
+def test_threshold_budget_is_met_and_minimal(scope, dims):
+    B, L, H, D, S, tau = 1, 48, 2, 16, 6, 0.4
+    q, k = (torch.randn(B, L, H, D, generator=torch.Generator().manual_seed(s)) for s in (7, 8))
+    sel = select_blocks(q, k, S, selection="threshold", threshold=tau, scope=scope)[0]
+    kbar = k.double().view(B, L // S, S, H, D).mean(2)
+    g = torch.einsum("brhd,bchd->bhrc", q.double(), kbar)[0]  # [H, L, C]
+    lo, hi = g.amin(dims, keepdim=True), g.amax(dims, keepdim=True)
+    share = (g - lo) / (hi - lo)
+    share = share / share.sum(dims, keepdim=True)
+    covered = (share * sel).sum(dims)
+    assert (covered >= tau - 1e-6).all()  # own block(s) plus the prefix reach the budget...
+    own = torch.zeros_like(sel)
+    own[:, torch.arange(L), torch.arange(L) // S] = True
+    others = sel & ~own
+    smallest = torch.where(others, share, torch.inf).amin(dims)
+    several = others.sum(dims) > 1
+    assert (covered - smallest)[several].lt(tau + 1e-6).all()  # ...and no shorter prefix would
+
+
+# ---------------------------------------------------------------- attention vs the float64 oracle
+
+CASES = [
+    ("1d", "threshold", "query", "token", 32),
+    ("2d", "topk", "query", "block", 64),
+    ("3d", "threshold", "head", "token", 128),
+    ("3d", "topk", "head", "block", 32),
+    ("2d", "threshold", "block", "token", 32),
+    ("3d", "threshold", "overall", "block", 64),
+]
+
+
+@pytest.mark.parametrize("kind, selection, scope, granularity, D", CASES)
+def test_reference_matches_float64_oracle_forward_and_backward(kind, selection, scope, granularity, D):
+    cfg = make_config(kind, selection=selection, scope=scope, granularity=granularity, topk_2d=2, topk_3d=3)
+    q, k, v = rand_qkv(D=D)
+    expected, mask = oracle(q, k, v, GRID, cfg)
+    assert not mask.all()  # genuinely sparse
+    out = vmoba_attention(q, k, v, GRID, cfg, backend="reference")
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out32 = vmoba_attention(q32, k32, v32, GRID, cfg, backend="auto")  # auto = reference on CPU
+    torch.testing.assert_close(out32.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_everything_selected_is_dense_attention():
+    q, k, v = rand_qkv()
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v))
+    ).transpose(1, 2)
+    for cfg in (make_config("3d", threshold=1.0), make_config("2d", selection="topk", topk_2d=99)):
+        torch.testing.assert_close(vmoba_attention(q, k, v, GRID, cfg), dense, rtol=1e-10, atol=1e-10)
+
+
+def test_dense_first_layers_and_steps():
+    q, k, v = rand_qkv()
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v))
+    ).transpose(1, 2)
+    cfg = make_config("3d", dense_first_layers=1, dense_first_steps=2)
+    stats = {}
+    torch.testing.assert_close(vmoba_attention(q, k, v, GRID, cfg, layer_idx=0, stats=stats), dense)
+    assert torch.equal(stats["density"], torch.ones(2))
+    torch.testing.assert_close(vmoba_attention(q, k, v, GRID, cfg, layer_idx=1, step=1), dense)
+    assert not torch.allclose(vmoba_attention(q, k, v, GRID, cfg, layer_idx=1, step=2), dense)
+    assert not torch.allclose(vmoba_attention(q, k, v, GRID, cfg, layer_idx=1), dense)
+
+
+@pytest.mark.parametrize("granularity", ["token", "block"])
+def test_stats_and_recall_match_the_oracle_mask(granularity):
+    cfg = make_config("3d", granularity=granularity)
+    q, k, v = rand_qkv(H=3)
+    _, mask = oracle(q, k, v, GRID, cfg)
+    stats = {}
+    vmoba_attention(q, k, v, GRID, cfg, stats=stats)
+    torch.testing.assert_close(stats["density"], mask.double().mean((0, 2, 3)).float())
+    assert stats["density"].shape == stats["blocks"].shape == (3,)
+    probs = (torch.einsum("bqhd,bkhd->bhqk", q, k).detach() / q.shape[-1] ** 0.5).softmax(-1)
+    expected = (probs * mask).sum(-1).mean((0, 2)).float()
+    torch.testing.assert_close(attention_recall(q, k, GRID, cfg, num_queries=10_000), expected)
+    sampled = attention_recall(q, k, GRID, cfg, num_queries=20, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (3,) and ((sampled > 0) & (sampled <= 1 + 1e-6)).all()
+    assert torch.allclose(attention_recall(q, k, GRID, make_config("3d", threshold=1.0)), torch.ones(3))
+
+
+# ---------------------------------------------------------------- flex (CPU: forward only) and flash_varlen
+
+
+@pytest.mark.parametrize("kind, granularity", [("3d", "token"), ("2d", "block")])
+def test_flex_forward_matches_oracle_on_cpu(kind, granularity):
+    # FlexAttention has no CPU backward; gradients are checked on the GPU (test_vmoba_gpu.py).
+    cfg = make_config(kind, granularity=granularity, selection="topk", topk_2d=2, topk_3d=3)
+    q, k, v = (t.detach().float() for t in rand_qkv(D=32))
+    expected, _ = oracle(q, k, v, GRID, cfg)
+    out = vmoba_attention(q, k, v, GRID, cfg, backend="flex")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, return_attn_probs=False):
+    """flash_attn_varlen_func's contract in plain torch (lse not differentiated, like flash-attn)."""
+    outs, lses = [], []
+    for s in range(len(cu_q) - 1):
+        qs, ks, vs = q[cu_q[s] : cu_q[s + 1], 0], k[cu_k[s] : cu_k[s + 1], 0], v[cu_k[s] : cu_k[s + 1], 0]
+        logits = qs @ ks.T * softmax_scale
+        outs.append(logits.softmax(-1) @ vs)
+        lses.append(logits.logsumexp(-1).detach())
+    out = torch.cat(outs)[:, None]
+    return (out, torch.cat(lses)[None], None) if return_attn_probs else out
+
+
+def test_flash_varlen_merge_and_lse_gradients(monkeypatch):
+    # The merge of per-block partial outputs and the lse gradient are this backend's own math: check them
+    # with a torch implementation of flash-attn's public varlen contract (the real kernel: GPU tests).
+    import vmoba.flash
+
+    monkeypatch.setattr(vmoba.flash, "_flash_varlen_func", lambda: torch_varlen)
+    monkeypatch.setattr(vmoba.flash, "_LOW_PRECISION", (torch.float64,))
+    for cfg in (make_config("3d", granularity="token"), make_config("2d", granularity="block", scope="head")):
+        q, k, v = rand_qkv(D=16)
+        expected, _ = oracle(q, k, v, GRID, cfg)
+        out = vmoba_attention(q, k, v, GRID, cfg, backend="flash_varlen")
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_flash_varlen_without_flash_attn_says_how_to_install():
+    pytest.importorskip("torch")
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn is installed")
+    except ImportError:
+        pass
+    q, k, v = (t.detach().bfloat16() for t in rand_qkv(D=16))
+    with pytest.raises(ImportError, match="pip install flash-attn --no-build-isolation"):
+        vmoba_attention(q, k, v, GRID, make_config("3d"), backend="flash_varlen")
+
+
+def test_public_api_names():
+    assert {
+        "VMoBAConfig",
+        "vmoba_attention",
+        "attention_recall",
+        "partition",
+        "unpartition",
+        "select_blocks",
+    } <= set(vmoba.__all__)

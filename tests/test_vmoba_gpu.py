@@ -1,0 +1,136 @@
+"""vmoba kernels on a GPU: FlashAttention's accuracy rule, no host syncs, no recompiles, large L."""
+
+import pytest
+import torch
+
+from vmoba import VMoBAConfig, vmoba_attention
+from vmoba.attention import _layout, _select
+from vmoba.partition import partition_layout, valid_mask
+from vmoba.reference import reference_attention, token_mask
+
+pytestmark = pytest.mark.gpu
+
+GRID = (6, 10, 12)  # divides none of the blocks below
+
+
+def config(kind, granularity, **kw):
+    return VMoBAConfig(
+        partitions=[kind], block_1d=4, block_2d=[4, 4], block_3d=[4, 4, 8], granularity=granularity, **kw
+    )
+
+
+def low_precision_reference(q, k, v, sel, block_slots, valid):
+    """Masked attention computed in q's dtype throughout (FlashAttention's 'same-dtype PyTorch reference')."""
+    mask = token_mask(sel, block_slots, valid)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~mask, -torch.inf).softmax(-1), v)
+
+
+def fwd_bwd(fn, inputs, grad_out):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    return [out, *torch.autograd.grad(out, inputs, grad_out.to(out.dtype))]
+
+
+def block_order(cfg, kind, grid, qkv, pad_to):
+    """q, k, v partitioned by layer 0 of `cfg`, with its selection: (qb, kb, vb, sel, block_slots, valid)."""
+    layout = _layout(cfg, grid, 0, pad_to)
+    valid = valid_mask(layout, qkv[0].device)
+    qb, kb, vb = (partition_layout(t, layout) for t in qkv)
+    return qb, kb, vb, _select(qb, kb, layout, valid, cfg, kind), layout.padded_volume, valid
+
+
+def check_flash_attention_rule(kernel, qb, kb, vb, sel, S, valid):
+    """Kernel error vs fp32 at most 2x (out) / 3x (grads) that of a same-dtype reference, on valid slots."""
+    assert not sel.all()
+    grad_out = torch.randn_like(qb) * valid[:, None, None]  # padded query slots are dropped downstream
+    exact = fwd_bwd(
+        lambda *t: reference_attention(*t, sel, S, valid), [t.float() for t in (qb, kb, vb)], grad_out
+    )
+    same_dtype = fwd_bwd(lambda *t: low_precision_reference(*t, sel, S, valid), (qb, kb, vb), grad_out)
+    got_all = fwd_bwd(lambda *t: kernel(*t, sel, S, valid), (qb, kb, vb), grad_out)
+    rows = valid[None, :, None, None]
+    for name, factor, got, base, ref in zip(
+        ("out", "dq", "dk", "dv"), (2, 3, 3, 3), got_all, same_dtype, exact
+    ):
+        err = ((got.float() - ref) * rows).abs().max().item()
+        base_err = ((base.float() - ref) * rows).abs().max().item()
+        assert err <= factor * base_err + 1e-5, f"{name}: error {err:.3g} > {factor} x {base_err:.3g}"
+
+
+@pytest.mark.parametrize(
+    "kind, granularity, D, selection",
+    [
+        ("3d", "block", 128, "topk"),
+        ("3d", "token", 128, "threshold"),
+        ("2d", "block", 64, "threshold"),
+        ("1d", "token", 64, "topk"),
+    ],
+)
+def test_flex_within_flash_attention_rule(kind, granularity, D, selection):
+    from vmoba.flex import TILE, flex_block_attention
+
+    torch.manual_seed(0)
+    cfg = config(kind, granularity, selection=selection, topk_1d=2, topk_3d=4)
+    L = GRID[0] * GRID[1] * GRID[2]
+    qkv = [torch.randn(2, L, 2, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    check_flash_attention_rule(flex_block_attention, *block_order(cfg, kind, GRID, qkv, TILE))
+
+
+def test_flex_path_has_no_host_sync_and_no_recompile():
+    torch.manual_seed(1)
+    cfg = config("3d", "block", selection="threshold")
+    L = GRID[0] * GRID[1] * GRID[2]
+
+    def step():
+        q, k, v = (
+            torch.randn(1, L, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(3)
+        )
+        stats = {}
+        vmoba_attention(q, k, v, GRID, cfg, backend="flex", stats=stats).sum().backward()
+        return stats
+
+    step()  # compile and cache the layout
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            stats = step()  # a new selection: same compiled graph, no sync
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert stats["density"].shape == (2,) and (stats["density"] < 1).all()
+
+
+def test_flex_token_granularity_beyond_int32_index_range():
+    # 65,536 tokens: q_idx * L would overflow int32; the per-token table indexes [b, h, q, c // 8] only.
+    from vmoba.flex import TILE, flex_block_attention
+
+    torch.manual_seed(2)
+    grid = (16, 64, 64)
+    cfg = config("3d", "token", selection="topk", topk_3d=8)
+    L = grid[0] * grid[1] * grid[2]
+    q, k, v = (torch.randn(1, L, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    layout = _layout(cfg, grid, 0, TILE)
+    valid = valid_mask(layout, q.device)
+    qb, kb, vb = (partition_layout(t, layout) for t in (q, k, v))
+    sel = _select(qb, kb, layout, valid, cfg, "3d")
+    out = flex_block_attention(qb, kb, vb, sel, layout.padded_volume, valid)
+    rows = torch.randint(0, L, (64,), device="cuda").sort().values
+    rows[-1] = L - 1  # the last query is where an overflow would show
+    key_block = torch.arange(L, device="cuda") // layout.padded_volume
+    mask = sel[0, 0, rows][:, key_block]  # [64, L]
+    scores = (qb[0, rows, 0].float() @ kb[0, :, 0].float().T) * 64**-0.5
+    expected = scores.masked_fill(~mask, -torch.inf).softmax(-1) @ vb[0, :, 0].float()
+    torch.testing.assert_close(out[0, rows, 0].float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_flash_varlen_within_flash_attention_rule():
+    pytest.importorskip("flash_attn", reason="pip install flash-attn --no-build-isolation (or vmoba[flash])")
+    from vmoba.flash import flash_varlen_attention
+
+    torch.manual_seed(3)
+    cfg = config("3d", "token", selection="threshold")
+    L = GRID[0] * GRID[1] * GRID[2]
+    qkv = [torch.randn(2, L, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    check_flash_attention_rule(flash_varlen_attention, *block_order(cfg, "3d", GRID, qkv, 1))

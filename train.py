@@ -1,0 +1,182 @@
+"""Train a video diffusion transformer (diffusers Wan by default) with VMoBA or full attention.
+
+    python train.py                                   # tiny Wan + VMoBA on the demo cache
+    python train.py attention=full train.steps=500    # the full-attention baseline
+    python train.py -m attention.threshold=0.2,0.25,0.3   # a sweep, one run dir per job + summary table
+    deepspeed --num_gpus 8 train.py model=wan2.1-1.3b deepspeed=zero3 ...
+
+Reads top to bottom: config -> model + attention -> DeepSpeed engine -> data -> resume -> loop (loss,
+step, log, evaluate, sample, checkpoint) -> summary. See docs/training.md for every option and output.
+"""
+
+import logging
+import time
+from itertools import islice
+from pathlib import Path
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from data import build_dataloader
+from data.cache import producer_description
+from models.attention import install_attention
+from models.encoders import build_text_encoder, build_vae
+from models.transformer import build_transformer
+from training.checkpoint import Checkpointer, TrainerState
+from training.config import TrainConfig, load_config
+from training.data_stream import DataStream
+from training.ema import EMA
+from training.engine import build_engine, init_distributed, use_bf16
+from training.evaluation import evaluate
+from training.logger import RunLogger, memory_gb
+from training.model_fn import make_model_fn
+from training.objective import FlowMatching
+from training.sampling import PromptSampler
+from training.summary import write_summary
+from training.sweep import run_dirname  # noqa: F401  (registers the resolver naming sweep run dirs)
+
+log = logging.getLogger(__name__)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
+    """Train per `cfg`, writing everything under `run_dir`; returns the summary (rank 0; {} elsewhere)."""
+    run_dir = Path(run_dir)
+    rank, world_size, device = init_distributed()
+    torch.manual_seed(cfg.seed + rank)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+
+    # Model: the transformer with VMoBA (or full) self-attention, wrapped by the DeepSpeed engine.
+    model = build_transformer(cfg.model.transformer)
+    controller = install_attention(model, cfg.attention)
+    if cfg.train.activation_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    engine = build_engine(model, cfg, world_size)
+    ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
+    dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32
+    model_fn = make_model_fn(engine, cfg.model.family, cfg.objective.num_train_timesteps, dtype)
+    objective = FlowMatching(cfg.objective)
+    # Timesteps and noise come from this generator; its state is checkpointed, so a resumed run draws
+    # exactly what the uninterrupted run would have.
+    generators = {"objective": torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)}
+
+    # Data: an endless train stream (its position is resumable) and fixed validation batches.
+    producer = producer_description(cfg.model.vae, cfg.model.text_encoder, cfg.data)
+    loader = build_dataloader(
+        cfg.data, "train", batch_size=cfg.train.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
+        producer=producer,
+    )  # fmt: skip
+
+    def epoch_loader(epoch: int):
+        loader.batch_sampler.set_epoch(epoch)
+        return loader
+
+    stream = DataStream(epoch_loader)
+    val_loader = build_dataloader(cfg.data, "val", batch_size=cfg.eval.batch_size, producer=producer)
+    val_batches = [_to(b, device) for b in islice(val_loader, cfg.eval.num_batches)]
+    if not val_batches:
+        log.warning(
+            "the cache has no validation clips (data.val_keys / data.val_fraction): evaluating on train clips"
+        )
+        val_batches = [_to(b, device) for b in islice(epoch_loader(0), cfg.eval.num_batches)]
+    text_encoder = build_text_encoder(cfg.model.text_encoder).to(device)
+    sampler = PromptSampler(cfg.sample, objective, text_encoder, build_vae(cfg.model.vae).to(device), device)
+    del text_encoder  # the prompts are embedded once; free its memory for training
+
+    # Resume: from checkpoint.load if set, else from <run_dir>/checkpoints/latest if present.
+    ckpt = Checkpointer(run_dir / "checkpoints", rank, cfg.checkpoint.keep)
+    state = TrainerState()
+    resume_from = cfg.checkpoint.load or (ckpt.latest() if cfg.checkpoint.resume else None)
+    if resume_from is not None:
+        state = ckpt.load(resume_from, engine, generators, ema)
+        stream.load_state_dict(state.data)
+    logger = RunLogger(
+        run_dir, cfg.wandb, name=name, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+        total_steps=cfg.train.steps, start_step=state.step, enabled=rank == 0,
+    )  # fmt: skip
+    if resume_from is not None:
+        logger.write(f"resumed from {resume_from} at step {state.step}")
+
+    def save() -> None:
+        state.data, state.elapsed = stream.state_dict(), elapsed()
+        ckpt.save(engine, state, generators, ema, config_yaml)
+
+    started, start_elapsed = time.perf_counter(), state.elapsed
+
+    def elapsed() -> float:
+        return start_elapsed + time.perf_counter() - started
+
+    # The loop: one iteration = one optimizer step over grad_accum micro-batches.
+    last = cfg.train.steps
+    while state.step < last:
+        step_start, data_wait, losses, tokens = time.perf_counter(), 0.0, [], 0
+        for _ in range(cfg.train.grad_accum):
+            wait_start = time.perf_counter()
+            batch = _to(next(stream), device)
+            data_wait += time.perf_counter() - wait_start
+            loss = objective.loss(model_fn, batch["latents"], batch, generator=generators["objective"])
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+            tokens += batch["latents"].shape[0] * controller.grid[0] * controller.grid[1] * controller.grid[2]
+        state.step += 1
+        if ema is not None:
+            ema.update(engine.module)
+        step_time = time.perf_counter() - step_start
+
+        if _due(state.step, cfg.train.log_every, last):
+            loss = torch.stack(losses).mean()
+            if world_size > 1:
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            densities = {k: v for k, v in controller.stats().items() if k.startswith("density/")}
+            logger.log(state.step, {
+                "time": elapsed(), "loss": loss, "lr": engine.get_lr()[0],
+                "grad_norm": engine.get_global_grad_norm(), "step_time": step_time,
+                "tokens_per_s": tokens * world_size / step_time, "data_wait": data_wait,
+                "mem_gb": memory_gb(device), **densities,
+            })  # fmt: skip
+        if _due(state.step, cfg.eval.every, last):
+            logger.log_eval(
+                state.step,
+                {"time": elapsed(), **evaluate(model_fn, objective, controller, val_batches, cfg.eval)},
+            )
+        if _due(state.step, cfg.sample.every, last):
+            if ema is None:
+                videos = sampler.generate(model_fn, controller)
+            else:
+                with ema.applied(engine.module):
+                    videos = sampler.generate(model_fn, controller)
+            if rank == 0:
+                paths = sampler.write(videos, run_dir / "samples" / f"step_{state.step:06d}")
+                logger.log_videos(state.step, paths, cfg.sample.fps)
+        if _due(state.step, cfg.checkpoint.every, last):
+            save()
+
+    logger.close()
+    return write_summary(run_dir, name) if rank == 0 else {}
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    hydra_cfg = HydraConfig.get()
+    config = load_config(cfg)  # validates everything before any work
+    name = config.wandb.name or ",".join(hydra_cfg.overrides.task) or "default"
+    train(config, hydra_cfg.runtime.output_dir, name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Rank-0 logging: metrics.jsonl / eval.jsonl in the run dir, wandb (offline by default), progress bar."""
+
+import json
+import math
+import uuid
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from training.config import WandbConfig
+
+
+def _plain(value):
+    """Tensors and numpy scalars become floats so that every record is JSON (non-finite as null)."""
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _rewind_jsonl(path: Path, step: int) -> None:
+    """Drop records after `step` (written by a run that crashed after its last checkpoint)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+class RunLogger:
+    """Writes `metrics.jsonl`, `eval.jsonl`, wandb logs and the console progress bar; a no-op when not
+    `enabled` (ranks other than 0). The wandb run id is kept in `<run_dir>/wandb/run_id` so a resumed run
+    continues the same wandb run."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: WandbConfig,
+        *,
+        name: str,
+        config: dict,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+    ):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for file in ("metrics.jsonl", "eval.jsonl"):
+            _rewind_jsonl(self.run_dir / file, start_step)
+        if cfg.mode != "disabled":
+            import wandb
+
+            id_file = self.run_dir / "wandb" / "run_id"
+            id_file.parent.mkdir(exist_ok=True)
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(
+                project=cfg.project, entity=cfg.entity, name=name, tags=list(cfg.tags), config=config,
+                dir=str(self.run_dir), mode=cfg.mode, id=run_id, resume="allow",
+            )  # fmt: skip
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=name or "train", dynamic_ncols=True)
+
+    def _write(self, file: str, step: int, metrics: dict, prefix: str = "") -> dict:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.run_dir / file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(
+                {prefix + k: v for k, v in record.items() if k != "step" and v is not None}, step=step
+            )
+        return record
+
+    def log(self, step: int, metrics: dict) -> None:
+        """One training record: `metrics.jsonl` + wandb + the progress bar's postfix."""
+        if not self.enabled:
+            return
+        record = self._write("metrics.jsonl", step, metrics)
+        self.bar.n = step
+        self.bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "lr") if record.get(k) is not None})
+
+    def log_eval(self, step: int, metrics: dict) -> None:
+        """One evaluation record: `eval.jsonl` + wandb (under `eval/`)."""
+        if not self.enabled:
+            return
+        record = self._write("eval.jsonl", step, metrics, prefix="eval/")
+        shown = {k: v for k, v in record.items() if k == "val_loss" or k.startswith("recall/mean")}
+        self.bar.write(
+            f"eval step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if v is not None)
+        )
+
+    def log_videos(self, step: int, videos: dict[str, Path], fps: int) -> None:
+        """Attach sampled mp4s to wandb as videos (`samples/prompt_00`, ...)."""
+        if self.enabled and self.wandb is not None:
+            import wandb
+
+            self.wandb.log(
+                {f"samples/{k}": wandb.Video(str(p), fps=fps, format="mp4") for k, p in videos.items()},
+                step=step,
+            )
+
+    def write(self, message: str) -> None:
+        """A console line that does not break the progress bar."""
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory in GiB since the last call (0 on CPU)."""
+    if device.type != "cuda":
+        return 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak

@@ -1,0 +1,176 @@
+"""`vmoba_attention`: partition -> gate/selection -> block-sparse kernel -> unpartition; plus stats/recall."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import VMoBAConfig
+from .partition import BlockLayout, block_layout, partition_layout, unpartition_layout, valid_mask
+from .selection import gate_scores, select_from_scores
+
+BACKENDS = ("auto", "reference", "flex", "flash_varlen")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        # On CPU the compiled flex path costs tens of seconds per shape and runs no faster than the
+        # masked dense reference at the sizes a CPU can handle (docs/benchmarks.md).
+        return "flex" if device.type == "cuda" else "reference"
+    return backend
+
+
+def _check_inputs(q, k, v, grid) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"q, k, v must all be [B, L, H, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of {DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    try:
+        T, H, W = (int(g) for g in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid must be (T, H, W), got {grid!r}") from None
+    if T * H * W != q.shape[1]:
+        raise ValueError(f"grid {tuple(grid)} gives T*H*W = {T * H * W} tokens but L = {q.shape[1]}")
+
+
+def _pad_to(backend: str) -> int:
+    from .flex import TILE
+
+    return TILE if backend == "flex" else 1
+
+
+def _layout(config: VMoBAConfig, grid, layer_idx: int, pad_to: int) -> BlockLayout:
+    kind = config.partition_for_layer(layer_idx)
+    return block_layout(grid, kind, config.block_for(kind), pad_to)
+
+
+def _select(qb, kb, layout: BlockLayout, valid, config: VMoBAConfig, kind: str) -> torch.Tensor:
+    """bool [B, H, R, C] selection of block-order q, k (R = slots or blocks, per config.granularity)."""
+    scores = gate_scores(qb, kb, layout.padded_volume, valid, config.granularity)
+    token = config.granularity == "token"
+    row_valid = valid if token else torch.ones(layout.num_blocks, dtype=torch.bool, device=qb.device)
+    return select_from_scores(
+        scores,
+        row_valid,
+        layout.padded_volume if token else 1,
+        selection=config.selection,
+        scope=config.scope,
+        threshold=config.threshold,
+        topk=config.topk_for(kind),
+    )
+
+
+def selection_stats(sel: torch.Tensor, layout: BlockLayout, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-head statistics of a selection, on device, without host syncs.
+
+    Args:
+        sel: bool [B, H, R, C] (R = slots or blocks); layout, valid: its partition and bool [C*S] mask.
+    Returns:
+        {"density": [H] fraction of (valid query, valid key) pairs attended,
+         "blocks": [H] mean selected blocks per valid query}.
+    """
+    counts = valid.view(layout.num_blocks, -1).sum(-1, dtype=torch.float32)  # valid tokens per block
+    rows = valid.float() if sel.shape[2] == valid.shape[0] else counts  # valid queries per row
+    n = float(layout.num_tokens) * sel.shape[0]
+    sel = sel.float()
+    density = torch.einsum("bhrc,r,c->h", sel, rows, counts) / (n * layout.num_tokens)
+    blocks = torch.einsum("bhrc,r->h", sel, rows) / n
+    return {"density": density.detach(), "blocks": blocks.detach()}
+
+
+def _dense(q, k, v) -> torch.Tensor:
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    return out.transpose(1, 2)
+
+
+def vmoba_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid,
+    config: VMoBAConfig,
+    layer_idx: int = 0,
+    backend: str = "auto",
+    step: int | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """VMoBA attention: each query attends to the union of its selected key blocks (docs/vmoba.md).
+
+    Args:
+        q, k, v: [B, L, H, D], bf16 / fp16 / fp32 (fp64 for tests), tokens in raster order of `grid`.
+        grid: (T, H, W) of the patchified latent, L == T*H*W.
+        config: VMoBAConfig; layer_idx: picks the partition (1d/2d/3d cycle) and the dense first layers.
+        backend: "auto" (flex on CUDA, reference on CPU) | "reference" | "flex" | "flash_varlen".
+        step: denoising step index (None in training); dense while step < config.dense_first_steps.
+        stats: optional dict, filled with detached per-head tensors ("density" [H], "blocks" [H]).
+    Returns:
+        [B, L, H, D] in q's dtype and raster order; differentiable w.r.t. q, k and v (not the gate).
+    """
+    _check_inputs(q, k, v, grid)
+    backend = _resolve_backend(backend, q.device)
+    if config.is_dense(layer_idx, step):
+        if stats is not None:
+            ones = torch.ones(q.shape[2], device=q.device)
+            stats.update(density=ones, blocks=torch.full_like(ones, float("nan")))
+        return _dense(q, k, v)
+    kind = config.partition_for_layer(layer_idx)
+    layout = _layout(config, grid, layer_idx, _pad_to(backend))
+    valid = valid_mask(layout, q.device)
+    qb, kb, vb = (partition_layout(t, layout) for t in (q, k, v))
+    with torch.no_grad():  # the gate is discrete: no gradient flows through it
+        sel = _select(qb, kb, layout, valid, config, kind)
+    if stats is not None:
+        stats.update(selection_stats(sel, layout, valid))
+    if backend == "reference":
+        from .reference import reference_attention
+
+        out = reference_attention(qb, kb, vb, sel, layout.padded_volume, valid)
+    elif backend == "flex":
+        from .flex import flex_block_attention
+
+        out = flex_block_attention(qb, kb, vb, sel, layout.padded_volume, valid)
+    else:
+        from .flash import flash_varlen_attention
+
+        out = flash_varlen_attention(qb, kb, vb, sel, layout.padded_volume, valid)
+    return unpartition_layout(out, layout)
+
+
+def attention_recall(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    grid,
+    config: VMoBAConfig,
+    layer_idx: int = 0,
+    num_queries: int = 256,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Fraction of the dense softmax mass that the selected blocks cover, per head.
+
+    Args:
+        q, k: [B, L, H, D] in raster order of `grid` (T, H, W); config, layer_idx: as in `vmoba_attention`.
+        num_queries: queries sampled uniformly without replacement (all when >= L); generator: a CPU
+            torch.Generator for the sample.
+    Returns:
+        fp32 [H]: mean over the batch and sampled queries of the attention probability mass inside the
+        query's selected blocks; 1.0 when everything is selected.
+    """
+    _check_inputs(q, k, k, grid)
+    layout = _layout(config, grid, layer_idx, 1)
+    valid = valid_mask(layout, q.device)
+    with torch.no_grad():
+        qb, kb = (partition_layout(t, layout) for t in (q, k))
+        sel = _select(qb, kb, layout, valid, config, config.partition_for_layer(layer_idx))
+        slot_of_token = unpartition_layout(torch.arange(layout.length, device=q.device)[None], layout)[0]
+        picks = torch.randperm(layout.num_tokens, generator=generator)[:num_queries].to(q.device)
+        slots = slot_of_token[picks]  # [n] block-order positions of the sampled queries
+        logits = torch.einsum("bnhd,bkhd->bhnk", qb[:, slots].float(), kb.float()) * q.shape[-1] ** -0.5
+        probs = logits.masked_fill(~valid, -torch.inf).softmax(-1)  # [B, H, n, L]
+        rows = slots if sel.shape[2] == layout.length else slots // layout.padded_volume
+        key_block = torch.arange(layout.length, device=q.device) // layout.padded_volume
+        covered = sel[:, :, rows][..., key_block]  # [B, H, n, L]
+        return (probs * covered).sum(-1).mean((0, 2))

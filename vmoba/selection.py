@@ -1,0 +1,184 @@
+"""The VMoBA gate and block selection as pure tensor functions (no kernels, no host syncs).
+
+Gate: a key block is represented by the fp32 mean of its valid keys; a query (token granularity) or a
+query block's fp32 mean (block granularity) scores every key block by a plain dot product (no 1/sqrt(D)).
+Selection then picks blocks per head, sharing its budget over a *scope*:
+
+- `query`: per (head, query row) over its C blocks (the seed's default);
+- `head`: over all (query row, block) pairs of a head (the paper's global block selection);
+- `block`: per key block, over all (head, query row) pairs;
+- `overall`: over all (head, query row, block) triples of a batch element.
+
+Within a scope set, `threshold` min-max normalises the scores `n = (g - min) / (max - min)` (denominator 1
+when <= 1e-6), computes `need = max(tau - sum(n_own) / sum(n), 0)`, sorts the other candidates by `n`
+descending and takes the shortest prefix whose cumulative share `>= need`, always at least one
+(all of them when none reaches it, and
+always all of them at `tau = 1`). `topk` takes the best `(k - 1) / (C - 1)` of the set's candidate (query row, other block)
+pairs (rounded), i.e. exactly `k - 1` other blocks per query in `query` scope, `(k - 1) * rows` per head
+in `head` scope.
+A query row's own block is always selected on top of either rule.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import GRANULARITIES, SCOPES, SELECTIONS
+
+
+def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.Tensor:
+    """fp32 mean of the valid tokens of each block: x [B, C*S, H, D], valid bool [C*S] -> [B, C, H, D]."""
+    B, L, H, D = x.shape
+    weight = valid.to(torch.float32).view(1, L // block_size, block_size, 1, 1)
+    sums = (x.float().view(B, L // block_size, block_size, H, D) * weight).sum(2)
+    return sums / weight.sum(2).clamp(min=1.0)
+
+
+def gate_scores(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, valid: torch.Tensor, granularity: str
+) -> torch.Tensor:
+    """fp32 gate scores: q, k [B, C*S, H, D] in block order -> [B, H, R, C] (R = C*S tokens or C blocks)."""
+    k_mean = block_means(k, block_size, valid)  # [B, C, H, D]
+    q_rows = q.float() if granularity == "token" else block_means(q, block_size, valid)
+    return torch.einsum("brhd,bchd->bhrc", q_rows, k_mean)
+
+
+def _threshold_sets(x, own, active, tau):
+    """Threshold rule on scope sets: x, own, active [N, S] -> bool [N, S] (own not included)."""
+    inf = torch.finfo(x.dtype).max
+    lo = torch.where(active, x, inf).amin(-1, keepdim=True)
+    hi = torch.where(active, x, -inf).amax(-1, keepdim=True)
+    span = hi - lo
+    span = torch.where(span > 1e-6, span, torch.ones_like(span))
+    n = torch.where(active, (x - lo) / span, torch.zeros_like(x))
+    total = n.sum(-1, keepdim=True)
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    need = (tau - (n * own).sum(-1, keepdim=True) / total).clamp(min=0.0)
+    if tau >= 1.0:  # all the mass: take everything (rounding must not drop the zero-score block)
+        need = torch.full_like(need, torch.inf)
+    candidate = active & ~own
+    # Non-candidates sort last (-1 < every normalised score); a stable sort keeps ties deterministic.
+    ranked, order = torch.where(candidate, n, -torch.ones_like(n)).sort(dim=-1, descending=True, stable=True)
+    share = ranked.clamp(min=0.0) / total
+    before = share.cumsum(-1) - share  # cumulative share of the candidates ranked above
+    first = torch.zeros_like(candidate)
+    first[..., 0] = True
+    take = (ranked >= 0) & ((before < need) | first)
+    return torch.zeros_like(take).scatter(-1, order, take)
+
+
+def _topk_sets(x, own, active, fraction):
+    """Top-k rule on scope sets [N, S]: the best `fraction` of each set's candidates (own not included)."""
+    candidate = active & ~own
+    budget = (candidate.sum(-1, keepdim=True) * fraction).round()
+    ranked, order = torch.where(candidate, x, torch.full_like(x, -torch.inf)).sort(
+        dim=-1, descending=True, stable=True
+    )
+    rank = torch.arange(x.shape[-1], device=x.device)
+    return torch.zeros_like(candidate).scatter(-1, order, rank < budget) & candidate
+
+
+def select_from_scores(
+    scores: torch.Tensor,
+    row_valid: torch.Tensor,
+    rows_per_block: int,
+    *,
+    selection: str,
+    scope: str,
+    threshold: float,
+    topk: int,
+) -> torch.Tensor:
+    """Selection on gate scores: scores [B, H, R, C] fp32 -> bool [B, H, R, C] (own block included).
+
+    `row_valid` bool [R] marks real query rows (padded ones never shape another row's selection);
+    query row r's own block is `r // rows_per_block`.
+    """
+    B, H, R, C = scores.shape
+    own = (torch.arange(R, device=scores.device) // rows_per_block)[:, None] == torch.arange(
+        C, device=scores.device
+    )
+    own = own.expand(B, H, R, C)
+    active = row_valid[:, None].expand(B, H, R, C)
+    # Lay each scope set out along the last dim: [N, S].
+    to_sets = {
+        "query": lambda t: t.reshape(B * H * R, C),
+        "head": lambda t: t.reshape(B * H, R * C),
+        "block": lambda t: t.permute(0, 3, 1, 2).reshape(B * C, H * R),
+        "overall": lambda t: t.reshape(B, H * R * C),
+    }[scope]
+    sets = [to_sets(t) for t in (scores, own, active)]
+    if selection == "threshold":
+        picked = _threshold_sets(*sets, threshold)
+    else:
+        picked = _topk_sets(*sets, (topk - 1) / max(C - 1, 1))
+    if scope == "block":
+        picked = picked.reshape(B, C, H, R).permute(0, 2, 3, 1)
+    return picked.reshape(B, H, R, C) | own
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    *,
+    selection: str = "threshold",
+    scope: str = "query",
+    threshold: float = 0.25,
+    topk: int = 3,
+    granularity: str = "token",
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The VMoBA gate and block selection (module docstring) on tokens already in block order.
+
+    Args:
+        q, k: [B, L, H, D] in block order, uniform blocks of `block_size` tokens (the last may be shorter).
+        selection: "threshold" | "topk"; scope: "query" | "head" | "block" | "overall".
+        threshold: tau in (0, 1]; topk: blocks per query row including its own, >= 1.
+        granularity: "token" (one selection per query) | "block" (per query block, from its mean query).
+        valid: optional bool [L], False at padded slots (excluded from block means and from shared scopes).
+    Returns:
+        bool [B, H, R, C]: R = L query rows ("token") or C query blocks ("block"); C = ceil(L / block_size).
+    """
+    if q.dim() != 4 or q.shape != k.shape:
+        raise ValueError(f"q and k must both be [B, L, H, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be an int > 0, got {block_size!r}")
+    _check_selection_args(selection, scope, threshold, topk, granularity)
+    B, L, H, D = q.shape
+    C = -(-L // block_size)
+    if valid is None:
+        valid = torch.ones(L, dtype=torch.bool, device=q.device)
+    elif valid.shape != (L,) or valid.dtype != torch.bool:
+        raise ValueError(
+            f"valid must be a bool tensor of shape [L] = [{L}], got {valid.dtype} {tuple(valid.shape)}"
+        )
+    if C * block_size != L:  # a shorter last block: pad it, padded slots invalid
+        pad = C * block_size - L
+        q, k = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k))
+        valid = torch.nn.functional.pad(valid, (0, pad))
+    scores = gate_scores(q, k, block_size, valid, granularity)
+    token = granularity == "token"
+    row_valid = valid if token else torch.ones(C, dtype=torch.bool, device=q.device)
+    sel = select_from_scores(
+        scores,
+        row_valid,
+        block_size if token else 1,
+        selection=selection,
+        scope=scope,
+        threshold=threshold,
+        topk=topk,
+    )
+    return sel[:, :, :L] if granularity == "token" else sel
+
+
+def _check_selection_args(selection, scope, threshold, topk, granularity):
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
