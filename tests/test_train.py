@@ -1,5 +1,6 @@
 """train.py end to end on CPU: real DeepSpeed (gloo), real Hydra composition, a real latent cache built
-from mp4s the test writes, wandb offline. Tiny: 4 clips of 9 frames at 32x32 (latents 4x3x4x4)."""
+from mp4s the test writes; wandb offline in the first test, disabled in the others (its service process
+costs seconds). Tiny: 4 clips of 9 frames at 32x32 (latents 4x3x4x4)."""
 
 import json
 import math
@@ -58,7 +59,7 @@ def cache(tmp_path_factory) -> list[str]:
 SMALL_BLOCKS = ["++attention.block_2d=[1,2]", "++attention.block_3d=[2,1,2]"]
 FAST = [
     *SMALL_BLOCKS, "sample.steps=2", "sample.prompts=[a red ball rolls over green grass]",
-    "eval.num_batches=1",
+    "eval.num_batches=1", "wandb.mode=disabled",
     "eval.timesteps=[0.5]", "train.warmup_steps=0", "train.lr_schedule=constant",
 ]  # fmt: skip
 
@@ -75,7 +76,7 @@ def records(path: Path) -> list[dict]:
 def test_one_step_changes_weights_and_writes_the_run_dir(cache, tmp_path):
     from train import train
 
-    cfg = make_cfg(cache, "train.steps=1")
+    cfg = make_cfg(cache, "train.steps=1", "wandb.mode=offline")
     before = {k: v.clone() for k, v in build_transformer(cfg.model.transformer).state_dict().items()}
     summary = train(cfg, tmp_path, name="one-step")
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from .config import VMoBAConfig
+from .flash import flash_varlen_attention
 from .partition import BlockLayout, block_layout, partition_layout, unpartition_layout, valid_mask
+from .reference import reference_attention
 from .selection import gate_scores, select_from_scores
 
 BACKENDS = ("auto", "reference", "flex", "flash_varlen")
@@ -16,8 +18,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        # On CPU the compiled flex path costs tens of seconds per shape and runs no faster than the
-        # masked dense reference at the sizes a CPU can handle (docs/benchmarks.md).
+        # On CPU FlexAttention has no backward and compiles ~18 s per shape, which outweighs its
+        # forward gain at the sizes a CPU handles (docs/benchmarks.md, "CPU: what auto picks").
         return "flex" if device.type == "cuda" else "reference"
     return backend
 
@@ -35,12 +37,6 @@ def _check_inputs(q, k, v, grid) -> None:
         raise ValueError(f"grid must be (T, H, W), got {grid!r}") from None
     if T * H * W != q.shape[1]:
         raise ValueError(f"grid {tuple(grid)} gives T*H*W = {T * H * W} tokens but L = {q.shape[1]}")
-
-
-def _pad_to(backend: str) -> int:
-    from .flex import TILE
-
-    return TILE if backend == "flex" else 1
 
 
 def _layout(config: VMoBAConfig, grid, layer_idx: int, pad_to: int) -> BlockLayout:
@@ -82,6 +78,13 @@ def selection_stats(sel: torch.Tensor, layout: BlockLayout, valid: torch.Tensor)
     return {"density": density.detach(), "blocks": blocks.detach()}
 
 
+def _flex():
+    """vmoba.flex, imported on first use: it pulls in torch._dynamo (~1.5 s at import)."""
+    from . import flex
+
+    return flex
+
+
 def _dense(q, k, v) -> torch.Tensor:
     out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
     return out.transpose(1, 2)
@@ -106,7 +109,8 @@ def vmoba_attention(
         config: VMoBAConfig; layer_idx: picks the partition (1d/2d/3d cycle) and the dense first layers.
         backend: "auto" (flex on CUDA, reference on CPU) | "reference" | "flex" | "flash_varlen".
         step: denoising step index (None in training); dense while step < config.dense_first_steps.
-        stats: optional dict, filled with detached per-head tensors ("density" [H], "blocks" [H]).
+        stats: optional dict, filled with detached per-head tensors: "density" [H] (1 in dense layers) and,
+            in sparse layers, "blocks" [H] (see `selection_stats`).
     Returns:
         [B, L, H, D] in q's dtype and raster order; differentiable w.r.t. q, k and v (not the gate).
     """
@@ -114,29 +118,21 @@ def vmoba_attention(
     backend = _resolve_backend(backend, q.device)
     if config.is_dense(layer_idx, step):
         if stats is not None:
-            ones = torch.ones(q.shape[2], device=q.device)
-            stats.update(density=ones, blocks=torch.full_like(ones, float("nan")))
+            stats["density"] = torch.ones(q.shape[2], device=q.device)
         return _dense(q, k, v)
     kind = config.partition_for_layer(layer_idx)
-    layout = _layout(config, grid, layer_idx, _pad_to(backend))
+    layout = _layout(config, grid, layer_idx, _flex().TILE if backend == "flex" else 1)
     valid = valid_mask(layout, q.device)
     qb, kb, vb = (partition_layout(t, layout) for t in (q, k, v))
     with torch.no_grad():  # the gate is discrete: no gradient flows through it
         sel = _select(qb, kb, layout, valid, config, kind)
     if stats is not None:
         stats.update(selection_stats(sel, layout, valid))
-    if backend == "reference":
-        from .reference import reference_attention
-
-        out = reference_attention(qb, kb, vb, sel, layout.padded_volume, valid)
-    elif backend == "flex":
-        from .flex import flex_block_attention
-
-        out = flex_block_attention(qb, kb, vb, sel, layout.padded_volume, valid)
+    if backend == "flex":
+        kernel = _flex().flex_block_attention
     else:
-        from .flash import flash_varlen_attention
-
-        out = flash_varlen_attention(qb, kb, vb, sel, layout.padded_volume, valid)
+        kernel = reference_attention if backend == "reference" else flash_varlen_attention
+    out = kernel(qb, kb, vb, sel, layout.padded_volume, valid)
     return unpartition_layout(out, layout)
 
 

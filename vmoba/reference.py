@@ -32,6 +32,7 @@ def reference_attention(
     """
     dtype = torch.promote_types(q.dtype, torch.float32)
     mask = token_mask(sel, block_size, valid)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.to(dtype)) * q.shape[-1] ** -0.5
-    probs = scores.masked_fill(~mask, -torch.inf).softmax(-1)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v.to(dtype)).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):  # the oracle stays in fp32 under autocast too
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), k.to(dtype)) * q.shape[-1] ** -0.5
+        probs = scores.masked_fill(~mask, -torch.inf).softmax(-1)
+        return torch.einsum("bhqk,bkhd->bqhd", probs, v.to(dtype)).to(q.dtype)

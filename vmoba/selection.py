@@ -38,9 +38,10 @@ def gate_scores(
     q: torch.Tensor, k: torch.Tensor, block_size: int, valid: torch.Tensor, granularity: str
 ) -> torch.Tensor:
     """fp32 gate scores: q, k [B, C*S, H, D] in block order -> [B, H, R, C] (R = C*S tokens or C blocks)."""
-    k_mean = block_means(k, block_size, valid)  # [B, C, H, D]
-    q_rows = q.float() if granularity == "token" else block_means(q, block_size, valid)
-    return torch.einsum("brhd,bchd->bhrc", q_rows, k_mean)
+    with torch.autocast(q.device.type, enabled=False):  # the gate is fp32 even inside a bf16 autocast region
+        k_mean = block_means(k, block_size, valid)  # [B, C, H, D]
+        q_rows = q.float() if granularity == "token" else block_means(q, block_size, valid)
+        return torch.einsum("brhd,bchd->bhrc", q_rows, k_mean)
 
 
 def _threshold_sets(x, own, active, tau):

@@ -1,0 +1,37 @@
+"""scripts/flops.py and scripts/bench_attention.py: the parts that run without a GPU."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flops_counts_the_paper_video_and_scales_attention_by_density():
+    flops = load("flops")
+    args = flops.parse_args(["--density", "0.5", "--granularity", "block", "--block-tokens", "128"])
+    grid, L = flops.latent_tokens(args)
+    assert grid == (24, 36, 64) and L == 55_296
+    full, sparse = flops.block_flops(L, args, None), flops.block_flops(L, args, 0.5)
+    assert full["self-attn scores+values"] == 4 * L * L * 1536
+    assert sparse["self-attn scores+values"] == full["self-attn scores+values"] / 2
+    assert sparse["vmoba gate"] == 2 * 432 * 432 * 1536
+    assert {k: v for k, v in sparse.items() if "attn scores" not in k and "gate" not in k} == {
+        k: v for k, v in full.items() if "attn scores" not in k
+    }
+
+
+def test_bench_attention_options_parse():
+    bench = load("bench_attention")
+    args = bench.parse_args(["--grids", "8x16x16", "24x36x64", "--kernel-options", '{"USE_TMA": true}'])
+    assert args.grids == ["8x16x16", "24x36x64"] and args.dense == ["cudnn", "flash", "efficient"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dtype", "int8"])
