@@ -19,31 +19,31 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from data.cache import cache_dataset  # noqa: E402
-from data.config import DataConfig  # noqa: E402
-from models.encoders import TextEncoderConfig, VAEConfig  # noqa: E402
+from training.config import load_config  # noqa: E402
 
-
-def validated(schema, node):
-    """Merge a config node into its dataclass schema: unknown keys and bad values fail naming the key."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+# train.yaml's run dir is a training run's; the cache's Hydra log belongs with the cache instead.
+HYDRA_DEFAULTS = ["hydra.run.dir=${data.cache_dir}", "hydra.output_subdir=null"]
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO)
-    rank = int(cfg.get("rank", os.environ.get("RANK", 0)))
-    world_size = int(cfg.get("world_size", os.environ.get("WORLD_SIZE", 1)))
-    data_cfg = validated(DataConfig, cfg.data)
+    with open_dict(cfg):  # this script's own `+key=` options are not part of the training schema
+        extra = {k: cfg.pop(k) for k in ("rank", "world_size", "overwrite") if k in cfg}
+    rank = int(extra.get("rank", os.environ.get("RANK", 0)))
+    world_size = int(extra.get("world_size", os.environ.get("WORLD_SIZE", 1)))
+    config = load_config(cfg)  # the whole tree, as train.py validates it: bad keys fail before any work
+    data_cfg = config.data
     manifest = cache_dataset(
-        validated(VAEConfig, cfg.model.vae),
-        validated(TextEncoderConfig, cfg.model.text_encoder),
+        config.model.vae,
+        config.model.text_encoder,
         data_cfg,
         rank=rank,
         world_size=world_size,
-        overwrite=bool(cfg.get("overwrite", False)),
+        overwrite=bool(extra.get("overwrite", False)),
     )
     samples = sum(len(s["items"]) for s in manifest["shards"])
     skipped = len(manifest["skipped"]) + len(manifest["input_skips"])
@@ -53,4 +53,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    given = {a.split("=", 1)[0] for a in sys.argv[1:]}
+    sys.argv += [d for d in HYDRA_DEFAULTS if d.split("=", 1)[0] not in given]
     main()

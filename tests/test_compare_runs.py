@@ -115,10 +115,10 @@ def test_evaluate_reproduces_the_runs_own_evaluation(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_launch_trains_both_runs_and_reports(overrides, tmp_path):
+def test_compare_launch_trains_both_runs_and_reports(overrides, tmp_path, launch_env):
     cmd = [sys.executable, "scripts/compare.py", "--launch", "--out", str(tmp_path / "report")]
     cmd += [f"--vmoba-set={o}" for o in VMOBA_ONLY] + ["--", *overrides]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=REPO, env=launch_env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _check_report(tmp_path / "report")
     assert "type: full" in (tmp_path / "report" / "runs" / "full" / "config.yaml").read_text()

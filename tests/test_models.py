@@ -2,7 +2,6 @@
 smoke run of scripts/bench_train.py."""
 
 import inspect
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -283,16 +282,13 @@ def test_dense_first_steps_follow_the_denoising_step():
     assert (_run(model, inputs) - full).abs().max() > 1e-3
 
 
-def test_bench_train_cpu_smoke_run_switches_attention_on_one_engine():
+def test_bench_train_cpu_smoke_run_switches_attention_on_one_engine(launch_env):
     """scripts/bench_train.py on CPU (gloo, ZeRO-2, tiny Wan): both rows, and the VMoBA row's density is
     the configured fixed top-k density of vmoba_topk on a 4x8x8 grid: mean(2/4, 3/8, 4/8)."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
     args = ["--arch", "tiny", "--grid", "4x8x8", "--text-len", "16", "--warmup", "1", "--steps", "1"]
-    # A fresh one-process group: drop the launcher variables in-process DeepSpeed tests leave behind.
-    launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
     run = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=launch_env
     )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {

@@ -1,7 +1,6 @@
 """sample.py from the command line on an exported diffusers transformer (save_pretrained -> from_pretrained),
 and its errors for bad checkpoint paths."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from training.checkpoint import resolve_transformer_dir
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sample_cli_writes_decodable_videos_of_the_requested_size(tmp_path):
+def test_sample_cli_writes_decodable_videos_of_the_requested_size(tmp_path, launch_env):
     build_transformer(TransformerConfig(arch="tiny", seed=3)).save_pretrained(tmp_path / "exported")
     (tmp_path / "prompts.txt").write_text("a cat sleeping on a table\n\na red ball\n")
     cmd = [
@@ -26,12 +25,7 @@ def test_sample_cli_writes_decodable_videos_of_the_requested_size(tmp_path):
         "guidance=3",
         f"output_dir={tmp_path / 'out'}",
     ]  # fmt: skip
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    }
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=launch_env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     videos = sorted((tmp_path / "out").glob("*.mp4"))
     assert [v.name for v in videos] == ["prompt_00.mp4", "prompt_01.mp4"]  # the blank line is skipped

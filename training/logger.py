@@ -114,9 +114,11 @@ class RunLogger:
 
 
 def memory_gb(device: torch.device) -> float:
-    """Peak accelerator memory in GiB since the last call (0 on CPU)."""
+    """Peak accelerator memory in GiB since the last call; on CPU the process's peak resident memory."""
     if device.type != "cuda":
-        return 0.0
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     torch.cuda.reset_peak_memory_stats(device)
     return peak
