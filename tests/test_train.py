@@ -195,6 +195,32 @@ def test_train_cli_multirun_writes_runs_and_summary_table(cache, tmp_path, launc
     ]  # named by overrides
 
 
+def test_two_ranks_under_torchrun_train_checkpoint_and_resume(cache, tmp_path, launch_env):
+    """Data parallel on CPU: `torchrun --nproc-per-node 2 train.py` (gloo), then the same command with more
+    steps resumes both ranks from `latest` and continues the step count and the metrics log."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = [
+        *cache,
+        *FAST,
+        "eval.every=0",
+        "sample.every=0",
+        "checkpoint.every=2",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    for steps in (2, 4):
+        done = subprocess.run(
+            [*torchrun, "train.py", f"train.steps={steps}", *args],
+            cwd=ROOT, env=launch_env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    logged = records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in logged)
+    latest = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step_000004"
+    assert sorted(p.name for p in latest.glob("rng_rank_*.pt")) == ["rng_rank_000.pt", "rng_rank_001.pt"]
+    assert "resumed from" in done.stdout + done.stderr and "at step 2" in done.stdout + done.stderr
+
+
 def test_sample_from_a_run_dir_writes_the_requested_video(cache, tmp_path):
     from sample import generate
     from train import train
