@@ -5,7 +5,7 @@ block's self-attention (`attn1`); Wan's cross-attention (`attn2`) is untouched. 
 the model's own processor (projections, q/k norms, RoPE, output projection) and hands `q, k, v` to a
 *kernel* bound to its layer:
 
-- `FullAttention`: dense SDPA (PyTorch picks its fastest backend) -- the baseline;
+- `FullAttention`: dense SDPA (`vmoba.dense_attention`: cuDNN first, the fastest on Hopper) -- the baseline;
 - `VMoBAAttention`: `vmoba.vmoba_attention` on the latent token grid.
 
 Processors and kernels own no parameters, so one checkpoint loads and trains with either attention.
@@ -73,16 +73,6 @@ class AttentionController:
             self._hook = None
 
 
-def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Softmax attention, q, k, v: [B, N, H, D], mask: bool [B, H, N, N] (True = attend) -> [B, N, H, D]."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-    )
-    return out.transpose(1, 2)
-
-
 class FullAttention:
     """Dense softmax attention of one layer: `(q, k, v: [B, N, H, D], num_text) -> [B, N, H, D]`."""
 
@@ -95,7 +85,7 @@ class FullAttention:
         self.controller.record(self.layer_idx, "density", one)
         if self.controller.measure_recall:
             self.controller.record(self.layer_idx, "recall", one)
-        return _sdpa(q, k, v)
+        return vmoba.dense_attention(q, k, v)
 
 
 class VMoBAAttention:
@@ -130,10 +120,12 @@ class VMoBAAttention:
                 stats=stats,
             )
         elif cfg.is_dense(self.layer_idx, ctrl.step):
-            out = _sdpa(q, k, v)
+            out = vmoba.dense_attention(q, k, v)
             stats["density"] = torch.ones((), device=q.device)
         else:
-            out = _sdpa(q, k, v, self._joint_mask(q[:, num_text:], k[:, num_text:], grid, num_text, stats))
+            out = vmoba.dense_attention(
+                q, k, v, self._joint_mask(q[:, num_text:], k[:, num_text:], grid, num_text, stats)
+            )
         for name, value in stats.items():
             ctrl.record(self.layer_idx, name, value)
         if ctrl.measure_recall:

@@ -65,11 +65,20 @@ def parse_args(argv=None):
     )
     p.add_argument("--dense", nargs="*", choices=list(DENSE), default=list(DENSE), help="dense SDPA backends")
     p.add_argument(
-        "--kernel-options", nargs="*", default=[None], help="FlexAttention kernel options, JSON each"
+        "--kernel-options",
+        nargs="*",
+        default=[None],
+        help="FlexAttention kernel options, JSON each ('' = vmoba's tuned defaults, '{}' = FlexAttention's)",
     )
     p.add_argument(
         "--inputs", choices=["smooth", "random"], default="smooth", help="smooth: correlated neighbours"
     )
+    p.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="let Inductor autotune FlexAttention's tiles (slow compile)",
+    )
+    p.add_argument("--skip-fwd", action="store_true", help="skip the forward-only timing (saves a compile)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", type=Path, help="append one JSON line per measurement")
@@ -136,7 +145,8 @@ def measure(name, fn, q, k, v, args) -> dict:
             flush=True,
         )
         row["peak_gib"] = peak_gib(fwd_bwd)
-        row["fwd_ms"] = timed(fwd, args.warmup, args.iters)
+        if not args.skip_fwd:
+            row["fwd_ms"] = timed(fwd, args.warmup, args.iters)
     except Exception as err:  # a dense backend or kernel option that does not run here: report, go on
         row = {"kernel": name, "error": str(err).splitlines()[0][:120]}
     torch.cuda.empty_cache()
@@ -160,6 +170,7 @@ def vmoba_rows(args, grid, q, k, v):
     modes = [("block", "topk", d) for d in args.densities if "block" in args.granularities]
     modes += [("block", "threshold", t) for t in args.threshold if "block" in args.granularities]
     modes += [("token", "topk", d) for d in args.token_densities if "token" in args.granularities]
+    tuned = vflex.default_kernel_options
     for options in args.kernel_options:
         options = json.loads(options) if options else None
         for granularity, selection, value in modes:
@@ -173,7 +184,7 @@ def vmoba_rows(args, grid, q, k, v):
                 granularity=granularity,
                 **budget,
             )
-            vflex.CUDA_KERNEL_OPTIONS = options
+            vflex.default_kernel_options = lambda q, options=options: options  # None: this GPU's defaults
             stats = {}
             label = f"vmoba {granularity} {selection}={value:g}" + (
                 f" {json.dumps(options)}" if options else ""
@@ -193,7 +204,7 @@ def vmoba_rows(args, grid, q, k, v):
                 row.update(gate_and_mask_ms(cfg, kind, layout, q, k, args))
                 print(json.dumps(row), flush=True)
             yield row
-    vflex.CUDA_KERNEL_OPTIONS = None
+    vflex.default_kernel_options = tuned
 
 
 def gate_and_mask_ms(cfg, kind, layout, q, k, args) -> dict:
@@ -206,9 +217,7 @@ def gate_and_mask_ms(cfg, kind, layout, q, k, args) -> dict:
         return _select(qb, kb, layout, valid, cfg, kind)
 
     sel = gate()
-    build = torch.compile(vflex.block_mask, dynamic=False)
-    with torch._dynamo.config.patch(recompile_limit=64):
-        mask_ms = timed(lambda: build(sel, valid, layout.padded_volume), args.warmup, args.iters)
+    mask_ms = timed(lambda: vflex.block_mask(sel, valid, layout.padded_volume), args.warmup, args.iters)
     return {"gate_ms": timed(gate, args.warmup, args.iters), "mask_ms": mask_ms}
 
 
@@ -236,7 +245,7 @@ def table(rows, L) -> str:
         density = f"{r['density']:.3f}" if "density" in r else "1"
         peak = f"{r['peak_gib'] / dense_peak:.2f}" if dense_peak else "-"
         lines.append(
-            f"| {r['kernel']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {_ratio(cudnn, ms)} | {_ratio(fastest, ms)} | "
+            f"| {r['kernel']} | {r.get('fwd_ms', float('nan')):.2f} | {r['fwd_bwd_ms']:.2f} | {_ratio(cudnn, ms)} | {_ratio(fastest, ms)} | "
             f"{gate} | {mask} | {r['peak_gib']:.2f} | {peak} | {density} |"
         )
     return "\n".join(lines)
@@ -244,6 +253,9 @@ def table(rows, L) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    import torch._inductor.config
+
+    torch._inductor.config.max_autotune = args.max_autotune
     if not torch.cuda.is_available():
         sys.exit("bench_attention.py needs a CUDA GPU")
     print(

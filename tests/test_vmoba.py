@@ -310,12 +310,30 @@ def test_stats_and_recall_match_the_oracle_mask(granularity):
 
 @pytest.mark.parametrize("kind, granularity", [("3d", "token"), ("2d", "block")])
 def test_flex_forward_matches_oracle_on_cpu(kind, granularity):
-    # FlexAttention has no CPU backward; gradients are checked on the GPU (test_vmoba_gpu.py).
+    # FlexAttention has no CPU backward; gradients are checked on the GPU (test_vmoba_gpu.py). The second
+    # call has a new selection: it must reuse the compiled kernel and still follow the new mask (the mask's
+    # tensors are graph inputs, not constants baked in at compile time).
     cfg = make_config(kind, granularity=granularity, selection="topk", topk_2d=2, topk_3d=3)
-    q, k, v = (t.detach().float() for t in rand_qkv(D=32))
-    expected, _ = oracle(q, k, v, GRID, cfg)
-    out = vmoba_attention(q, k, v, GRID, cfg, backend="flex")
-    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    for stance in ("default", "fail_on_recompile"):
+        q, k, v = (t.detach().float() for t in rand_qkv(D=32))
+        expected, _ = oracle(q, k, v, GRID, cfg)
+        with torch.compiler.set_stance(stance):
+            out = vmoba_attention(q, k, v, GRID, cfg, backend="flex")
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_flex_tile_tables_list_selected_tiles_first_in_order():
+    # The BlockMask tables come from a sort-free stable partition; the kernel reads the first `count`
+    # indices of each row, and must be able to read the rest (a permutation of all tiles) safely.
+    from vmoba.flex import _ordered
+
+    tiles = torch.rand(2, 3, 5, 11) < torch.rand(2, 3, 5, 1)  # rows from empty to full
+    counts, indices = _ordered(tiles)
+    assert counts.dtype == indices.dtype == torch.int32
+    assert torch.equal(counts, tiles.sum(-1, dtype=torch.int32))
+    assert torch.equal(indices.sort(-1).values, torch.arange(11, dtype=torch.int32).expand_as(indices))
+    for row, count, order in zip(tiles.view(-1, 11), counts.view(-1), indices.view(-1, 11)):
+        assert order[:count].tolist() == row.nonzero().flatten().tolist()
 
 
 def torch_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, return_attn_probs=False):

@@ -5,8 +5,13 @@ a (query tile, key tile) pair is *full* when every query of the tile selected th
 the key tile holds no padding, *partial* when some query selected it, and skipped otherwise. `mask_mod`
 runs on partial tiles only: in block granularity it masks padded keys; in token granularity it reads a
 bit-packed per-token table `[B, H, L, ceil(C / 8)]` (uint8), so nothing is L x L and every index stays
-well inside int32. Mask build and attention run in one compiled graph per shape, with the selection as a
-plain tensor input: a new selection never recompiles and never syncs with the host.
+well inside int32.
+
+The BlockMask is built eagerly (a handful of small sort/scatter kernels, no host sync) and only
+`flex_attention` is compiled, once per shape: Dynamo guards `mask_mod` by its code and lifts the tensors
+it closes over into graph inputs, so a new selection never recompiles. Building the mask inside the
+compiled graph made Inductor generate sort kernels over the tile count, and the first call at 16K-55K
+tokens compiled for minutes on an H100 (docs/benchmarks.md, note 4).
 """
 
 from __future__ import annotations
@@ -14,17 +19,36 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+_RECOMPILE_LIMIT = 64  # compiled variants per function: one per (shape, options); see _compiled_flex
 TILE = 128  # BlockMask block size = kernel tile; partitions pad blocks to a multiple of it
 
-# Tuned on an H100 for D = 128, bf16 (docs/benchmarks.md); None lets FlexAttention choose.
-CUDA_KERNEL_OPTIONS: dict | None = None
+# FlexAttention kernel options by CUDA compute capability, for bf16/fp16 and head dims <= 128. Hopper
+# (H100/H200): TMA loads, -3% fwd+bwd at 55K tokens (docs/benchmarks.md, note 5). 128x128 forward tiles
+# gained another ~1% but overflow shared memory once `mask_mod` reads a table (token granularity).
+# Elsewhere FlexAttention's own per-GPU defaults apply.
+KERNEL_OPTIONS = {(9, 0): {"USE_TMA": True}}
 
 
-def _tile_indices(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool [B, H, Qt, Kt] -> (counts int32 [B, H, Qt], key tile indices int32 [B, H, Qt, Kt], selected first)."""
-    counts = tiles.sum(-1, dtype=torch.int32)
-    order = tiles.to(torch.int8).argsort(dim=-1, descending=True, stable=True)
-    return counts, order.to(torch.int32)
+def default_kernel_options(q: torch.Tensor) -> dict | None:
+    """The tuned kernel options for q's GPU, dtype and head dim; None lets FlexAttention choose."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] > 128:
+        return None
+    return KERNEL_OPTIONS.get(torch.cuda.get_device_capability(q.device))
+
+
+def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [..., N] -> (counts int32 [...], indices int32 [..., N]): the selected columns first, ascending.
+
+    A stable partition by two cumsums and one scatter, no sort: sorting costs ~10x more at 432 tiles and,
+    compiled, generated sort kernels that took minutes to build (docs/benchmarks.md, note 4).
+    """
+    t = tiles.to(torch.int32)
+    counts = t.sum(-1, dtype=torch.int32)
+    rank = torch.where(
+        tiles, t.cumsum(-1, dtype=torch.int32), counts[..., None] + (1 - t).cumsum(-1, dtype=torch.int32)
+    )
+    columns = torch.arange(tiles.shape[-1], dtype=torch.int32, device=tiles.device).expand_as(rank)
+    return counts, torch.empty_like(rank).scatter_(-1, rank.long() - 1, columns)
 
 
 def _pack_bits(sel: torch.Tensor) -> torch.Tensor:
@@ -35,52 +59,72 @@ def _pack_bits(sel: torch.Tensor) -> torch.Tensor:
     return (sel * weights).sum(-1, dtype=torch.uint8)
 
 
-def block_mask(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> BlockMask:
-    """The FlexAttention BlockMask (TILE x TILE) of a selection: sel bool [B, H, R, C], valid bool [L]."""
+_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+_FIELDS += tuple(f.replace("kv", "q") for f in _FIELDS)
+
+
+def _tables(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple[torch.Tensor, ...]:
+    """The BlockMask's tile tables (in `_FIELDS` order) and, for token granularity, the packed selection."""
     B, H = sel.shape[:2]
     L = valid.shape[0]
-    per_block = block_slots // TILE
-    tile_block = torch.arange(L // TILE, device=sel.device) // per_block  # block of each tile
+    tile_block = torch.arange(L // TILE, device=sel.device) // (block_slots // TILE)  # block of each tile
     clean_tile = valid.view(-1, TILE).all(-1)  # key tile without padding
     live_tile = valid.view(-1, TILE).any(-1)[:, None]  # query tile with a real query; others compute nothing
+    extra = ()
     if sel.shape[2] == L:  # token granularity: union / intersection over each query tile
         by_tile = sel.view(B, H, L // TILE, TILE, -1)
         some = by_tile.any(3)[..., tile_block]
         every = (by_tile | ~valid.view(1, 1, -1, TILE, 1)).all(3)[..., tile_block]
         full = every & clean_tile
         partial = some & ~full
-        bits = _pack_bits(sel)
+        extra = (_pack_bits(sel),)
+    else:  # block granularity: every query tile of a block shares the block's selection
+        chosen = sel[:, :, tile_block][..., tile_block]
+        full = chosen & clean_tile
+        partial = chosen & ~clean_tile
+    partial, full = partial & live_tile, full & live_tile
+    # The kernel reads the key tiles of each query tile (forward, dq) and the query tiles of each key tile
+    # (dk, dv): both orders, for partial and full tiles.
+    kv, full_kv = _ordered(partial), _ordered(full)
+    q, full_q = _ordered(partial.transpose(-1, -2)), _ordered(full.transpose(-1, -2))
+    return (*kv, *full_kv, *q, *full_q, *extra)
+
+
+# On CUDA the ~40 small ops of the table build run as a few fused kernels (eager, their launches cost
+# ~1 ms per call at 55K tokens); it compiles in seconds since `_ordered` has no sort.
+_compiled_tables = torch.compile(_tables, dynamic=False, fullgraph=True)
+
+
+@torch.no_grad()
+def block_mask(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> BlockMask:
+    """The FlexAttention BlockMask (TILE x TILE) of a selection: sel bool [B, H, R, C], valid bool [L]."""
+    L = valid.shape[0]
+    if sel.is_cuda:
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            tables = _compiled_tables(sel, valid, block_slots)
+    else:
+        tables = _tables(sel, valid, block_slots)
+    if sel.shape[2] == L:  # token granularity: the packed per-token selection decides inside partial tiles
+        bits = tables[-1]
 
         def mask_mod(b, h, q_idx, kv_idx):
             c = kv_idx // block_slots
             byte = bits[b, h, q_idx, c // 8].to(torch.int32)
             return ((byte >> (c % 8)) & 1).bool() & valid[kv_idx]
 
-    else:  # block granularity: every query tile of a block shares the block's selection
-        chosen = sel[:, :, tile_block][..., tile_block]
-        full = chosen & clean_tile
-        partial = chosen & ~clean_tile
+    else:  # block granularity: partial tiles only mask padded keys
 
         def mask_mod(b, h, q_idx, kv_idx):
             return valid[kv_idx]
 
-    partial, full = partial & live_tile, full & live_tile
-    return BlockMask.from_kv_blocks(
-        *_tile_indices(partial), *_tile_indices(full), BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(L, L)
-    )
+    fields = dict(zip(_FIELDS, tables))
+    return BlockMask(seq_lengths=(L, L), **fields, BLOCK_SIZE=(TILE, TILE), mask_mod=mask_mod)
 
 
-def _flex_blocks(q, k, v, sel, valid, block_slots: int, kernel_options):
-    """Block mask build + FlexAttention: q, k, v [B, H, L, D], sel bool [B, H, R, C], valid bool [L]."""
-    mask = block_mask(sel, valid, block_slots)
-    return flex_attention(q, k, v, block_mask=mask, kernel_options=kernel_options)
-
-
-# Static shapes: each (shape, granularity, options) compiles once; Dynamo caches every variant on this one
-# code object, so `flex_block_attention` raises the recompile limit (the default 8 would silently fall
-# back to an eager path that materialises L x L scores).
-_compiled_flex = torch.compile(_flex_blocks, dynamic=False, fullgraph=True)
-_RECOMPILE_LIMIT = 64
+# Static shapes: each (shape, options) compiles once; Dynamo caches every variant on this one code object,
+# so `flex_block_attention` raises the recompile limit (the default 8 would silently fall back to an eager
+# path that materialises L x L scores).
+_compiled_flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
 def flex_block_attention(
@@ -97,14 +141,17 @@ def flex_block_attention(
     Args:
         q, k, v: [B, L, H, D] in block order; L = C * block_slots, block_slots a multiple of TILE (128).
         sel: bool [B, H, R, C], R = L (token granularity) or C (block granularity); valid: bool [L].
-        kernel_options: FlexAttention kernel options (default: CUDA_KERNEL_OPTIONS on CUDA).
+        kernel_options: FlexAttention kernel options (default: `default_kernel_options(q)`).
     Returns:
         [B, L, H, D] in q's dtype.
     """
     if block_slots % TILE or q.shape[1] % block_slots:
         raise ValueError(f"flex needs blocks padded to a multiple of {TILE} slots, got {block_slots}")
-    if kernel_options is None and q.is_cuda:
-        kernel_options = CUDA_KERNEL_OPTIONS
+    if kernel_options is None:
+        kernel_options = default_kernel_options(q)
+    mask = block_mask(sel, valid, block_slots)
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-        out = _compiled_flex(*(t.transpose(1, 2) for t in (q, k, v)), sel, valid, block_slots, kernel_options)
+        out = _compiled_flex(
+            *(t.transpose(1, 2) for t in (q, k, v)), block_mask=mask, kernel_options=kernel_options
+        )
     return out.transpose(1, 2)

@@ -29,9 +29,10 @@ from .config import GRANULARITIES, SCOPES, SELECTIONS
 def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.Tensor:
     """fp32 mean of the valid tokens of each block: x [B, C*S, H, D], valid bool [C*S] -> [B, C, H, D]."""
     B, L, H, D = x.shape
-    weight = valid.to(torch.float32).view(1, L // block_size, block_size, 1, 1)
-    sums = (x.float().view(B, L // block_size, block_size, H, D) * weight).sum(2)
-    return sums / weight.sum(2).clamp(min=1.0)
+    keep = valid.view(1, L // block_size, block_size, 1, 1)
+    # Accumulate in fp32 without an fp32 copy of x (3x less memory traffic on a bf16 x).
+    sums = torch.where(keep, x.view(B, L // block_size, block_size, H, D), 0).sum(2, dtype=torch.float32)
+    return sums / keep.sum(2, dtype=torch.float32).clamp(min=1.0)
 
 
 def gate_scores(
