@@ -219,6 +219,7 @@ def test_two_ranks_under_torchrun_train_checkpoint_and_resume(cache, tmp_path, l
     assert latest.name == "step_000004"
     assert sorted(p.name for p in latest.glob("rng_rank_*.pt")) == ["rng_rank_000.pt", "rng_rank_001.pt"]
     assert "resumed from" in done.stdout + done.stderr and "at step 2" in done.stdout + done.stderr
+    assert "at step 2" in (tmp_path / "train.log").read_text()  # console lines are kept in the run dir
 
 
 def test_sample_from_a_run_dir_writes_the_requested_video(cache, tmp_path):

@@ -1,14 +1,18 @@
 """Rank-0 logging: metrics.jsonl / eval.jsonl in the run dir, wandb (offline by default), progress bar."""
 
 import json
+import logging
 import math
 import uuid
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from training.config import WandbConfig
+
+_log = logging.getLogger(__name__)
 
 
 def _plain(value):
@@ -102,8 +106,13 @@ class RunLogger:
             )
 
     def write(self, message: str) -> None:
-        """A console line that does not break the progress bar."""
-        if self.enabled:
+        """A line on the console (above the progress bar) and in the run's `train.log` under Hydra."""
+        if not self.enabled:
+            return
+        if logging.getLogger().handlers:  # Hydra's console + file handlers; the console one via tqdm
+            with logging_redirect_tqdm():
+                _log.info(message)
+        else:
             self.bar.write(message)
 
     def close(self) -> None:
