@@ -4,11 +4,13 @@ Default: the Wan-2.1-1.3B architecture (30 layers, width 1536, random init), bf1
 torch AdamW, activation checkpointing, one clip of 24x36x64 = 55,296 video tokens (latents
 [1, 16, 24, 72, 128]) and 512 random text embeddings [1, 512, 4096]; loss = flow-matching MSE on random
 data. Attention processors are parameter-free, so the same engine (weights, optimizer) switches between
-VMoBA and full attention; each gets `--warmup` untimed steps, then `--steps` timed ones. Prints a markdown
-table: median step time, video tokens/s, peak GPU memory, mean VMoBA density, and the full/VMoBA ratio.
+VMoBA (one row per config: the positional overrides, then each --variant) and full attention; each gets
+`--warmup` untimed steps, then `--steps` timed ones. Prints a markdown table: median step time, video
+tokens/s, peak GPU memory, mean VMoBA density, and the speed-up over full attention.
 
     python scripts/bench_train.py                                # 55,296 tokens (H100-class GPU)
     python scripts/bench_train.py --grid 21x30x52                # 32,760 tokens
+    python scripts/bench_train.py --variant 'attention.selection=threshold'   # one more VMoBA row
     python scripts/bench_train.py --arch tiny --grid 4x8x8       # CPU smoke run (gloo, fp32)
 """
 
@@ -55,6 +57,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "overrides", nargs="*", help="Hydra overrides of the VMoBA config, e.g. attention.topk_3d=54"
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="OVERRIDES",
+        help="one more VMoBA run on the same engine: space-separated Hydra overrides applied on top of "
+        "the positional ones, e.g. --variant 'attention.selection=threshold' (repeatable)",
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per attention (default: 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per attention (default: 5)")
@@ -119,7 +129,12 @@ def log(message: str, start: float) -> None:
 def main(argv=None) -> list[dict]:
     start = time.perf_counter()
     args = parse_args(argv)
-    vmoba_cfg = load_attention(args.attention, args.overrides)
+    runs = [(f"vmoba ({args.attention})", load_attention(args.attention, args.overrides))]
+    runs += [
+        (f"vmoba ({args.attention}: {v})", load_attention(args.attention, [*args.overrides, *v.split()]))
+        for v in args.variant
+    ]
+    runs.append(("full", AttentionConfig(type="full")))
     _, _, device = init_distributed()
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -147,7 +162,7 @@ def main(argv=None) -> list[dict]:
     tokens = T * H * W
 
     rows = []
-    for name, attn_cfg in (("vmoba", vmoba_cfg), ("full", AttentionConfig(type="full"))):
+    for name, attn_cfg in runs:
         controller = install_attention(engine.module, attn_cfg)  # same engine, weights and optimizer
         for _ in range(args.warmup):
             train_step(engine, batch, sync)
@@ -158,7 +173,7 @@ def main(argv=None) -> list[dict]:
         density = [v for k, v in controller.stats().items() if k.startswith("density/")]
         rows.append(
             {
-                "attention": name if name == "full" else f"vmoba ({args.attention})",
+                "attention": name,
                 "step_s": statistics.median(times),
                 "tokens_per_s": tokens / statistics.median(times),
                 "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"),

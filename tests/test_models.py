@@ -283,10 +283,11 @@ def test_dense_first_steps_follow_the_denoising_step():
 
 
 def test_bench_train_cpu_smoke_run_switches_attention_on_one_engine(launch_env):
-    """scripts/bench_train.py on CPU (gloo, ZeRO-2, tiny Wan): both rows, and the VMoBA row's density is
-    the configured fixed top-k density of vmoba_topk on a 4x8x8 grid: mean(2/4, 3/8, 4/8)."""
+    """scripts/bench_train.py on CPU (gloo, ZeRO-2, tiny Wan): a row per attention config, and each VMoBA
+    row's density is its fixed top-k density on a 4x8x8 grid: mean(2/4, 3/8, 4/8), then with a --variant."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
     args = ["--arch", "tiny", "--grid", "4x8x8", "--text-len", "16", "--warmup", "1", "--steps", "1"]
+    args += ["--variant", "attention.topk_3d=2 attention.topk_1d=1"]
     run = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=launch_env
     )
@@ -294,7 +295,9 @@ def test_bench_train_cpu_smoke_run_switches_attention_on_one_engine(launch_env):
     rows = {
         r.split("|")[1].strip(): r.split("|")[2:-1] for r in run.stdout.splitlines() if r.startswith("| ")
     }
-    assert set(rows) == {"attention", "---", "vmoba (vmoba_topk)", "full"}
+    variant = "vmoba (vmoba_topk: attention.topk_3d=2 attention.topk_1d=1)"
+    assert set(rows) == {"attention", "---", "vmoba (vmoba_topk)", variant, "full"}
     assert float(rows["vmoba (vmoba_topk)"][3]) == pytest.approx((2 / 4 + 3 / 8 + 4 / 8) / 3, abs=1e-3)
+    assert float(rows[variant][3]) == pytest.approx((1 / 4 + 3 / 8 + 2 / 8) / 3, abs=1e-3)
     assert float(rows["full"][3]) == 1.0 and float(rows["full"][0]) > 0
     assert "full/VMoBA step-time ratio" in run.stdout
