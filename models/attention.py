@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
@@ -92,9 +91,9 @@ class VMoBAAttention:
     """VMoBA attention of one layer on the controller's token grid.
 
     `q, k, v: [B, S + L, H, D]` with `S = num_text` text tokens first and `L = T*H*W` video tokens in
-    raster order; returns `[B, S + L, H, D]`. Without text this is `vmoba.vmoba_attention`. With text
+    raster order; returns `[B, S + L, H, D]`: `vmoba.vmoba_attention` with the text as its prefix. With text
     (joint-attention models): text queries attend densely to every key; video queries attend to every text
-    key plus the video blocks VMoBA selects from the video tokens alone (`_joint_mask`).
+    key plus the video blocks VMoBA selects from the video tokens alone.
     """
 
     def __init__(self, controller: AttentionController, layer_idx: int):
@@ -107,25 +106,18 @@ class VMoBAAttention:
         if grid is None:
             raise RuntimeError("VMoBA attention called outside a transformer forward: no token grid was set")
         stats: dict[str, torch.Tensor] = {}
-        if num_text == 0:
-            out = vmoba.vmoba_attention(
-                q,
-                k,
-                v,
-                grid,
-                cfg,
-                layer_idx=self.layer_idx,
-                backend=ctrl.cfg.backend,
-                step=ctrl.step,
-                stats=stats,
-            )
-        elif cfg.is_dense(self.layer_idx, ctrl.step):
-            out = vmoba.dense_attention(q, k, v)
-            stats["density"] = torch.ones((), device=q.device)
-        else:
-            out = vmoba.dense_attention(
-                q, k, v, self._joint_mask(q[:, num_text:], k[:, num_text:], grid, num_text, stats)
-            )
+        out = vmoba.vmoba_attention(
+            q,
+            k,
+            v,
+            grid,
+            cfg,
+            layer_idx=self.layer_idx,
+            backend=ctrl.cfg.backend,
+            step=ctrl.step,
+            stats=stats,
+            num_prefix=num_text,
+        )
         for name, value in stats.items():
             ctrl.record(self.layer_idx, name, value)
         if ctrl.measure_recall:
@@ -141,41 +133,6 @@ class VMoBAAttention:
         generator = torch.Generator().manual_seed(self.layer_idx)
         n = self.controller.recall_queries
         return vmoba.attention_recall(qv, kv, grid, self.vmoba_cfg, self.layer_idx, n, generator=generator)
-
-    @torch.no_grad()
-    def _joint_mask(
-        self, qv: torch.Tensor, kv: torch.Tensor, grid: Grid, num_text: int, stats: dict
-    ) -> torch.Tensor:
-        """bool [B, H, S + L, S + L] joint-attention mask from the VMoBA selection on video q, k [B, L, H, D].
-
-        A dense mask, so joint models run VMoBA's exact selection at dense cost: a sparse kernel that
-        also returns the softmax log-sum-exp would merge the text keys instead (docs/models.md).
-        """
-        cfg = self.vmoba_cfg
-        kind = cfg.partition_for_layer(self.layer_idx)
-        block = cfg.block_for(kind)
-        layout = vmoba.block_layout(grid, kind, block)
-        ones = torch.ones(1, layout.num_tokens, device=qv.device)
-        valid = vmoba.partition(ones, grid, kind, block)[0].bool()  # (C*V,) real tokens in block order
-        qb, kb = vmoba.partition(qv, grid, kind, block), vmoba.partition(kv, grid, kind, block)
-        sel = vmoba.select_blocks(
-            qb,
-            kb,
-            layout.padded_volume,
-            selection=cfg.selection,
-            scope=cfg.scope,
-            threshold=cfg.threshold,
-            topk=cfg.topk_for(kind),
-            granularity=cfg.granularity,
-            valid=valid,
-        )  # (B, H, rows, C): rows = C*V slots (token granularity) or C blocks
-        stats.update(vmoba.selection_stats(sel, layout, valid))
-        slots = torch.arange(layout.length, device=qv.device)
-        slot_of_token = vmoba.unpartition(slots[None, :, None], grid, kind, block)[0, :, 0]  # (L,)
-        block_of_token = slot_of_token // layout.padded_volume
-        row_of_token = slot_of_token if sel.shape[2] == layout.length else block_of_token
-        video = sel[:, :, row_of_token][..., block_of_token]  # (B, H, L, L) raster order
-        return F.pad(video, (num_text, 0, num_text, 0), value=True)
 
 
 def _wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:

@@ -305,6 +305,36 @@ def test_stats_and_recall_match_the_oracle_mask(granularity):
     assert torch.allclose(attention_recall(q, k, GRID, make_config("3d", threshold=1.0)), torch.ones(3))
 
 
+@pytest.mark.parametrize(
+    "kind, granularity, backend",
+    [("3d", "token", "reference"), ("1d", "block", "reference"), ("2d", "block", "flex")],
+)
+def test_prefix_tokens_attend_everywhere_and_are_attended_by_every_query(kind, granularity, backend):
+    # Joint attention (e.g. CogVideoX's text): S prefix tokens are global; the video part keeps VMoBA's
+    # selection, made from the video tokens alone. Oracle: the float64 dense softmax under that mask.
+    cfg = make_config(kind, granularity=granularity, selection="topk", topk_1d=2, topk_2d=2, topk_3d=3)
+    S = 7  # not a multiple of any block size: the prefix blocks are padded
+    q, k, v = (torch.cat([p, t], dim=1) for p, t in zip(rand_qkv(grid=(1, 1, S), seed=3), rand_qkv()))
+    _, video_mask = oracle(q[:, S:], k[:, S:], v[:, S:], GRID, cfg)
+    mask = torch.nn.functional.pad(video_mask, (S, 0, S, 0), value=True)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~mask, -torch.inf).softmax(-1), v)
+    if backend == "flex":  # FlexAttention has no CPU backward: forward only, in fp32
+        out = vmoba_attention(
+            *(t.detach().float() for t in (q, k, v)), GRID, cfg, backend="flex", num_prefix=S
+        )
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+        return
+    stats = {}
+    out = vmoba_attention(q, k, v, GRID, cfg, backend=backend, stats=stats, num_prefix=S)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(stats["density"], video_mask.double().mean((0, 2, 3)).float())
+    with pytest.raises(ValueError, match="num_prefix"):
+        vmoba_attention(q, k, v, GRID, cfg, num_prefix=q.shape[1])
+
+
 # ---------------------------------------------------------------- flex (CPU: forward only) and flash_varlen
 
 

@@ -121,21 +121,29 @@ def vmoba_attention(
     backend: str = "auto",
     step: int | None = None,
     stats: dict | None = None,
+    num_prefix: int = 0,
 ) -> torch.Tensor:
     """VMoBA attention: each query attends to the union of its selected key blocks (docs/vmoba.md).
 
     Args:
-        q, k, v: [B, L, H, D], bf16 / fp16 / fp32 (fp64 for tests), tokens in raster order of `grid`.
+        q, k, v: [B, S + L, H, D], bf16 / fp16 / fp32 (fp64 for tests): S = `num_prefix` tokens (e.g. the
+            text of a joint-attention model), then L video tokens in raster order of `grid`.
         grid: (T, H, W) of the patchified latent, L == T*H*W.
         config: VMoBAConfig; layer_idx: picks the partition (1d/2d/3d cycle) and the dense first layers.
         backend: "auto" (flex on CUDA, reference on CPU) | "reference" | "flex" | "flash_varlen".
         step: denoising step index (None in training); dense while step < config.dense_first_steps.
         stats: optional dict, filled with detached per-head tensors: "density" [H] (1 in dense layers) and,
-            in sparse layers, "blocks" [H] (see `selection_stats`).
+            in sparse layers, "blocks" [H] (see `selection_stats`; video tokens only).
+        num_prefix: S >= 0. Prefix queries attend to every key; video queries attend to every prefix key
+            plus their selected video blocks; the gate and the statistics see the video tokens only.
     Returns:
-        [B, L, H, D] in q's dtype and raster order; differentiable w.r.t. q, k and v (not the gate).
+        [B, S + L, H, D] in q's dtype, video tokens in raster order; differentiable w.r.t. q, k and v
+        (not the gate).
     """
-    _check_inputs(q, k, v, grid)
+    if not isinstance(num_prefix, int) or not 0 <= num_prefix < q.shape[1]:
+        raise ValueError(f"num_prefix must be an int in [0, {q.shape[1]}), got {num_prefix!r}")
+    prefix = [t[:, :num_prefix] for t in (q, k, v)]
+    _check_inputs(*(t[:, num_prefix:] for t in (q, k, v)), grid)
     backend = _resolve_backend(backend, q.device)
     if config.is_dense(layer_idx, step):
         if stats is not None:
@@ -145,17 +153,44 @@ def vmoba_attention(
     flex = _flex() if backend == "flex" else None
     layout = _layout(config, grid, layer_idx, flex.TILE if flex else 1)
     valid = valid_mask(layout, q.device)
-    qb, kb, vb = (partition_layout(t, layout) for t in (q, k, v))
+    qb, kb, vb = (partition_layout(t[:, num_prefix:], layout) for t in (q, k, v))
     with torch.no_grad():  # the gate is discrete: no gradient flows through it
         sel = _select(qb, kb, layout, valid, config, kind)
     if stats is not None:
         stats.update(selection_stats(sel, layout, valid))
+    head = 0
+    if num_prefix:
+        qb, kb, vb, sel, valid, head = _prepend(prefix, (qb, kb, vb), sel, valid, layout.padded_volume)
     if flex:
         kernel = flex.flex_block_attention
     else:
         kernel = reference_attention if backend == "reference" else flash_varlen_attention
     out = kernel(qb, kb, vb, sel, layout.padded_volume, valid)
-    return unpartition_layout(out, layout)
+    return torch.cat([out[:, :num_prefix], unpartition_layout(out[:, head:], layout)], dim=1)
+
+
+def _prepend(prefix, video, sel: torch.Tensor, valid: torch.Tensor, block_slots: int):
+    """Prefix tokens as extra blocks in front of the block-order video: every row selects them, and their
+    rows select every block, so the kernels need no special case.
+
+    Args:
+        prefix: (q, k, v) [B, S, H, D]; video: (q, k, v) [B, C*V, H, D] in block order (V = block_slots);
+        sel: bool [B, H, R, C] (R = C*V or C); valid: bool [C*V].
+    Returns:
+        q, k, v [B, (P + C)*V, H, D] with P = ceil(S / V) zero-padded prefix blocks first; sel bool
+        [B, H, P*V + R or P + R, P + C]; valid bool [(P + C)*V]; P*V, where the video slots start.
+    """
+    S, (B, H, R, C) = prefix[0].shape[1], sel.shape
+    P = -(-S // block_slots)
+    pad = P * block_slots - S
+    qkv = [
+        torch.cat([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, pad)), x], dim=1) for p, x in zip(prefix, video)
+    ]
+    head_valid = torch.arange(P * block_slots, device=valid.device) < S
+    rows = P * block_slots if R == valid.shape[0] else P  # token or block granularity
+    joint = sel.new_ones(B, H, rows + R, P + C)
+    joint[:, :, rows:, P:] = sel
+    return (*qkv, joint, torch.cat([head_valid, valid]), P * block_slots)
 
 
 def attention_recall(
