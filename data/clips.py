@@ -98,9 +98,14 @@ def read_clip(source: ClipSource, cfg: DataConfig, train: bool) -> Clip:
     try:
         reader = decord.VideoReader(source.path, num_threads=1)
         total, native_fps = len(reader), reader.get_avg_fps()
-        height, width = reader[0].shape[:2]
+        height, width, channels = reader[0].shape
     except Exception as err:  # decord raises RuntimeError/DECORDError with long C++ traces
         raise ValueError(f"cannot open video: {str(err).splitlines()[0][:200]}") from None
+    if channels != 3:  # decord 0.6 returns garbage 4-channel frames for some sizes (seen: 48 px wide)
+        raise ValueError(
+            f"decord decodes this {width}x{height} video as {channels}-channel frames (a decord bug for "
+            f"some frame widths); re-encode it at another width, e.g. ffmpeg -i IN -vf scale={width + 16}:-2 OUT"
+        )
     if total < 1 or native_fps <= 0:
         raise ValueError(f"video has no decodable frames (frames={total}, fps={native_fps})")
     first = 0 if source.start is None else round(source.start * native_fps)

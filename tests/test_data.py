@@ -123,6 +123,14 @@ def test_read_clip_resizes_and_center_crops(tmp_path):
     assert read_clip(ClipSource("bar", path, "c"), cfg, train=False).pixels.shape == (3, 5, 32, 48)
 
 
+def test_read_clip_refuses_frames_decord_misdecodes(tmp_path):
+    # decord 0.6 returns 4-channel garbage for 48-px-wide videos (a real mp4, real decord): a clear reason
+    # (a counted skip in the cache), never a silently wrong clip.
+    path = str(write_video(tmp_path / "w48.mp4", np.full((5, 32, 48, 3), 128, np.uint8), fps=8))
+    with pytest.raises(ValueError, match="decord decodes this 48x32 video as 4-channel frames"):
+        read_clip(ClipSource("w48", path, "c"), DataConfig(frames=5, height=32, width=32), train=False)
+
+
 def test_read_clip_bad_files(tmp_path):
     cfg = DataConfig(frames=5, height=32, width=32)
     (tmp_path / "empty.mp4").write_bytes(b"")
