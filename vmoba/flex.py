@@ -7,11 +7,11 @@ runs on partial tiles only: in block granularity it masks padded keys; in token 
 bit-packed per-token table `[B, H, L, ceil(C / 8)]` (uint8), so nothing is L x L and every index stays
 well inside int32.
 
-The BlockMask is built eagerly (a handful of small sort/scatter kernels, no host sync) and only
-`flex_attention` is compiled, once per shape: Dynamo guards `mask_mod` by its code and lifts the tensors
-it closes over into graph inputs, so a new selection never recompiles. Building the mask inside the
-compiled graph made Inductor generate sort kernels over the tile count, and the first call at 16K-55K
-tokens compiled for minutes on an H100 (docs/benchmarks.md, note 4).
+The BlockMask's tile tables come from their own small compiled graph with no sort (a stable partition
+by cumsum and scatter; no host sync), and `flex_attention` is compiled separately, once per shape: Dynamo
+guards `mask_mod` by its code and lifts the tensors it closes over into graph inputs, so a new selection
+never recompiles. Building the mask inside the attention graph, with argsorts, made the first call at
+16K-55K tokens compile for minutes on an H100; now it takes seconds (docs/benchmarks.md, notes 4 and 6).
 """
 
 from __future__ import annotations
