@@ -36,15 +36,17 @@ def generate(cfg: SampleAppConfig) -> dict[str, Path]:
                 f"prompts_file={cfg.prompts_file!r}: not a file with at least one non-empty line"
             )
         cfg = dataclasses.replace(cfg, prompts=prompts)
-    transformer_cfg = cfg.model.transformer
+    dtype = torch.bfloat16 if use_bf16(cfg.precision) else torch.float32
+    # Loaded in its sampling dtype (diffusers keeps its fp32-sensitive modules then; a later `.to(dtype)`
+    # would not).
+    transformer_cfg = dataclasses.replace(cfg.model.transformer, dtype=str(dtype).removeprefix("torch."))
     if cfg.checkpoint is not None:
         path = resolve_transformer_dir(cfg.checkpoint, cfg.use_ema)
         transformer_cfg = dataclasses.replace(
             transformer_cfg, arch=None, pretrained=str(path), subfolder=None
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if use_bf16(cfg.precision) else torch.float32
-    model = build_transformer(transformer_cfg).to(device, dtype).eval()
+    model = build_transformer(transformer_cfg).to(device).eval()
     controller = install_attention(model, cfg.attention)
     objective = FlowMatching(cfg.objective)
     text_encoder = build_text_encoder(cfg.model.text_encoder).to(device)

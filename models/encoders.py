@@ -108,7 +108,9 @@ def build_vae(cfg: VAEConfig):
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            vae = AutoencoderKLWan(**VAE_ARCHS[cfg.arch]).to(dtype)
+            vae = AutoencoderKLWan(**VAE_ARCHS[cfg.arch])
+        if dtype != torch.float32 and cfg.pretrained is None:  # diffusers warns on every dtype `.to`
+            vae = vae.to(dtype)
     return vae.eval().requires_grad_(False)
 
 
