@@ -392,6 +392,15 @@ def test_flash_varlen_merge_and_lse_gradients(monkeypatch):
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
         for got, want in zip(grads(out, (q, k, v)), grads(expected, (q, k, v))):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        # With a text prefix (joint attention): the reference backend is checked against the oracle above.
+        q, k, v = (
+            torch.cat([p, t], dim=1) for p, t in zip(rand_qkv(D=16, grid=(1, 1, 5), seed=4), (q, k, v))
+        )
+        out, want = (
+            vmoba_attention(q, k, v, GRID, cfg, backend=b, num_prefix=5)
+            for b in ("flash_varlen", "reference")
+        )
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
