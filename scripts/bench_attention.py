@@ -78,6 +78,9 @@ def parse_args(argv=None):
         action="store_true",
         help="let Inductor autotune FlexAttention's tiles (slow compile)",
     )
+    p.add_argument(
+        "--profile", action="store_true", help="print each row's CUDA-time breakdown (torch profiler)"
+    )
     p.add_argument("--skip-fwd", action="store_true", help="skip the forward-only timing (saves a compile)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -145,6 +148,8 @@ def measure(name, fn, q, k, v, args) -> dict:
             flush=True,
         )
         row["peak_gib"] = peak_gib(fwd_bwd)
+        if args.profile:
+            print_profile(name, fwd_bwd)
         if not args.skip_fwd:
             row["fwd_ms"] = timed(fwd, args.warmup, args.iters)
     except Exception as err:  # a dense backend or kernel option that does not run here: report, go on
@@ -153,6 +158,19 @@ def measure(name, fn, q, k, v, args) -> dict:
     row["wall_s"] = round(time.perf_counter() - start, 1)  # compile time included
     print(json.dumps(row), flush=True)
     return row
+
+
+def print_profile(name: str, fn, iters: int = 3) -> None:
+    """The CUDA-time breakdown (kernels, copies, gate ops) of `iters` calls of `fn`, per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60)
+    print(f"# profile of {name}, {iters} calls (divide totals by {iters}):\n{table}", flush=True)
 
 
 def dense_fn(backend):

@@ -33,5 +33,6 @@ def test_bench_attention_options_parse():
     bench = load("bench_attention")
     args = bench.parse_args(["--grids", "8x16x16", "24x36x64", "--kernel-options", '{"USE_TMA": true}'])
     assert args.grids == ["8x16x16", "24x36x64"] and args.dense == ["cudnn", "flash", "efficient"]
+    assert not args.profile and bench.parse_args(["--profile"]).profile
     with pytest.raises(SystemExit):
         bench.parse_args(["--dtype", "int8"])
