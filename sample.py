@@ -36,10 +36,11 @@ def generate(cfg: SampleAppConfig) -> dict[str, Path]:
                 f"prompts_file={cfg.prompts_file!r}: not a file with at least one non-empty line"
             )
         cfg = dataclasses.replace(cfg, prompts=prompts)
-    dtype = torch.bfloat16 if use_bf16(cfg.precision) else torch.float32
+    dtype_name = "bfloat16" if use_bf16(cfg.precision) else "float32"
+    dtype = getattr(torch, dtype_name)
     # Loaded in its sampling dtype (diffusers keeps its fp32-sensitive modules then; a later `.to(dtype)`
     # would not).
-    transformer_cfg = dataclasses.replace(cfg.model.transformer, dtype=str(dtype).removeprefix("torch."))
+    transformer_cfg = dataclasses.replace(cfg.model.transformer, dtype=dtype_name)
     if cfg.checkpoint is not None:
         path = resolve_transformer_dir(cfg.checkpoint, cfg.use_ema)
         transformer_cfg = dataclasses.replace(

@@ -109,7 +109,7 @@ def build_vae(cfg: VAEConfig):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             vae = AutoencoderKLWan(**VAE_ARCHS[cfg.arch])
-        if dtype != torch.float32 and cfg.pretrained is None:  # diffusers warns on every dtype `.to`
+        if dtype != torch.float32:  # built in fp32; skip a no-op cast (diffusers warns on every `.to`)
             vae = vae.to(dtype)
     return vae.eval().requires_grad_(False)
 

@@ -188,7 +188,7 @@ def vmoba_rows(args, grid, q, k, v):
     modes = [("block", "topk", d) for d in args.densities if "block" in args.granularities]
     modes += [("block", "threshold", t) for t in args.threshold if "block" in args.granularities]
     modes += [("token", "topk", d) for d in args.token_densities if "token" in args.granularities]
-    tuned = vflex.default_kernel_options
+    tuned = vflex.KERNEL_OPTIONS
     for options in args.kernel_options:
         options = json.loads(options) if options else None
         for granularity, selection, value in modes:
@@ -202,7 +202,8 @@ def vmoba_rows(args, grid, q, k, v):
                 granularity=granularity,
                 **budget,
             )
-            vflex.default_kernel_options = lambda q, options=options: options  # None: this GPU's defaults
+            if options is not None:  # None: vmoba's tuned options for this GPU
+                vflex.KERNEL_OPTIONS = {torch.cuda.get_device_capability(): options}
             stats = {}
             label = f"vmoba {granularity} {selection}={value:g}" + (
                 f" {json.dumps(options)}" if options else ""
@@ -222,7 +223,7 @@ def vmoba_rows(args, grid, q, k, v):
                 row.update(gate_and_mask_ms(cfg, kind, layout, q, k, args))
                 print(json.dumps(row), flush=True)
             yield row
-    vflex.default_kernel_options = tuned
+    vflex.KERNEL_OPTIONS = tuned
 
 
 def gate_and_mask_ms(cfg, kind, layout, q, k, args) -> dict:

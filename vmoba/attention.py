@@ -158,7 +158,6 @@ def vmoba_attention(
         sel = _select(qb, kb, layout, valid, config, kind)
     if stats is not None:
         stats.update(selection_stats(sel, layout, valid))
-    head = 0
     if num_prefix:
         qb, kb, vb, sel, valid, head = _prepend(prefix, (qb, kb, vb), sel, valid, layout.padded_volume)
     if flex:
@@ -166,6 +165,8 @@ def vmoba_attention(
     else:
         kernel = reference_attention if backend == "reference" else flash_varlen_attention
     out = kernel(qb, kb, vb, sel, layout.padded_volume, valid)
+    if not num_prefix:
+        return unpartition_layout(out, layout)
     return torch.cat([out[:, :num_prefix], unpartition_layout(out[:, head:], layout)], dim=1)
 
 

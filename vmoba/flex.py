@@ -59,25 +59,33 @@ def _pack_bits(sel: torch.Tensor) -> torch.Tensor:
     return (sel * weights).sum(-1, dtype=torch.uint8)
 
 
-_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
-_FIELDS += tuple(f.replace("kv", "q") for f in _FIELDS)
+_FIELDS = (
+    "kv_num_blocks",
+    "kv_indices",
+    "full_kv_num_blocks",
+    "full_kv_indices",
+    "q_num_blocks",
+    "q_indices",
+    "full_q_num_blocks",
+    "full_q_indices",
+)
 
 
-def _tables(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple[torch.Tensor, ...]:
-    """The BlockMask's tile tables (in `_FIELDS` order) and, for token granularity, the packed selection."""
+def _tables(sel: torch.Tensor, valid: torch.Tensor, block_slots: int):
+    """(the BlockMask's tile tables in `_FIELDS` order, the packed per-token selection or None)."""
     B, H = sel.shape[:2]
     L = valid.shape[0]
     tile_block = torch.arange(L // TILE, device=sel.device) // (block_slots // TILE)  # block of each tile
     clean_tile = valid.view(-1, TILE).all(-1)  # key tile without padding
     live_tile = valid.view(-1, TILE).any(-1)[:, None]  # query tile with a real query; others compute nothing
-    extra = ()
+    bits = None
     if sel.shape[2] == L:  # token granularity: union / intersection over each query tile
         by_tile = sel.view(B, H, L // TILE, TILE, -1)
         some = by_tile.any(3)[..., tile_block]
         every = (by_tile | ~valid.view(1, 1, -1, TILE, 1)).all(3)[..., tile_block]
         full = every & clean_tile
         partial = some & ~full
-        extra = (_pack_bits(sel),)
+        bits = _pack_bits(sel)
     else:  # block granularity: every query tile of a block shares the block's selection
         chosen = sel[:, :, tile_block][..., tile_block]
         full = chosen & clean_tile
@@ -87,7 +95,7 @@ def _tables(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple[t
     # (dk, dv): both orders, for partial and full tiles.
     kv, full_kv = _ordered(partial), _ordered(full)
     q, full_q = _ordered(partial.transpose(-1, -2)), _ordered(full.transpose(-1, -2))
-    return (*kv, *full_kv, *q, *full_q, *extra)
+    return (*kv, *full_kv, *q, *full_q), bits
 
 
 # On CUDA the ~40 small ops of the table build run as a few fused kernels (eager, their launches cost
@@ -101,11 +109,10 @@ def block_mask(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> Bloc
     L = valid.shape[0]
     if sel.is_cuda:
         with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            tables = _compiled_tables(sel, valid, block_slots)
+            tables, bits = _compiled_tables(sel, valid, block_slots)
     else:
-        tables = _tables(sel, valid, block_slots)
-    if sel.shape[2] == L:  # token granularity: the packed per-token selection decides inside partial tiles
-        bits = tables[-1]
+        tables, bits = _tables(sel, valid, block_slots)
+    if bits is not None:  # token granularity: the packed per-token selection decides inside partial tiles
 
         def mask_mod(b, h, q_idx, kv_idx):
             c = kv_idx // block_slots
@@ -117,7 +124,7 @@ def block_mask(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> Bloc
         def mask_mod(b, h, q_idx, kv_idx):
             return valid[kv_idx]
 
-    fields = dict(zip(_FIELDS, tables))
+    fields = dict(zip(_FIELDS, tables, strict=True))
     return BlockMask(seq_lengths=(L, L), **fields, BLOCK_SIZE=(TILE, TILE), mask_mod=mask_mod)
 
 
