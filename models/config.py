@@ -10,12 +10,12 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 
 from models.encoders import TextEncoderConfig, VAEConfig
+from vmoba import BACKENDS as ATTENTION_BACKENDS
 from vmoba.config import VMoBAConfig
 
 FAMILIES = ("wan", "cogvideox")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_TYPES = ("full", "vmoba")
-ATTENTION_BACKENDS = ("auto", "reference", "flex", "flash_varlen")
 
 T = TypeVar("T")
 

@@ -35,6 +35,7 @@ from vmoba import (  # noqa: E402
 from vmoba import flex as vflex  # noqa: E402
 from vmoba.attention import _select  # noqa: E402
 from vmoba.partition import partition_layout, valid_mask  # noqa: E402
+from vmoba.tiles import TILE, tile_tables  # noqa: E402
 
 DENSE = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -64,6 +65,13 @@ def parse_args(argv=None):
         "--token-densities", type=float, nargs="*", default=[0.25], help="densities for token granularity"
     )
     p.add_argument("--dense", nargs="*", choices=list(DENSE), default=list(DENSE), help="dense SDPA backends")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["flex", "fa4"],
+        default=["flex", "fa4"],
+        help="VMoBA kernels (fa4 rows report why where it cannot run)",
+    )
     p.add_argument(
         "--kernel-options",
         nargs="*",
@@ -188,11 +196,13 @@ def vmoba_rows(args, grid, q, k, v):
     modes = [("block", "topk", d) for d in args.densities if "block" in args.granularities]
     modes += [("block", "threshold", t) for t in args.threshold if "block" in args.granularities]
     modes += [("token", "topk", d) for d in args.token_densities if "token" in args.granularities]
+    variants = [("fa4", None)] if "fa4" in args.backends else []
+    if "flex" in args.backends:
+        variants += [("flex", json.loads(o) if o else None) for o in args.kernel_options]
     tuned = vflex.KERNEL_OPTIONS
-    for options in args.kernel_options:
-        options = json.loads(options) if options else None
+    for backend, options in variants:
         for granularity, selection, value in modes:
-            layout = block_layout(grid, kind, block, vflex.TILE)
+            layout = block_layout(grid, kind, block, TILE)
             budget = {f"topk_{kind}": max(1, round(value * layout.num_blocks))} if selection == "topk" else {}
             cfg = VMoBAConfig(
                 partitions=[kind],
@@ -202,16 +212,16 @@ def vmoba_rows(args, grid, q, k, v):
                 granularity=granularity,
                 **budget,
             )
-            if options is not None:  # None: vmoba's tuned options for this GPU
-                vflex.KERNEL_OPTIONS = {torch.cuda.get_device_capability(): options}
+            # None: vmoba's tuned FlexAttention options for this GPU
+            vflex.KERNEL_OPTIONS = tuned if options is None else {torch.cuda.get_device_capability(): options}
             stats = {}
-            label = f"vmoba {granularity} {selection}={value:g}" + (
+            label = f"vmoba {backend} {granularity} {selection}={value:g}" + (
                 f" {json.dumps(options)}" if options else ""
             )
             row = measure(
                 label,
-                lambda q, k, v, cfg=cfg, stats=stats: vmoba_attention(
-                    q, k, v, grid, cfg, backend="flex", stats=stats
+                lambda q, k, v, cfg=cfg, stats=stats, backend=backend: vmoba_attention(
+                    q, k, v, grid, cfg, backend=backend, stats=stats
                 ),
                 q,
                 k,
@@ -227,7 +237,7 @@ def vmoba_rows(args, grid, q, k, v):
 
 
 def gate_and_mask_ms(cfg, kind, layout, q, k, args) -> dict:
-    """Times of partition + selection (the gate) and of the BlockMask build on its own."""
+    """Times of partition + selection (the gate) and of the tile-table build on its own."""
     valid = valid_mask(layout, q.device)
 
     @torch.no_grad()
@@ -236,7 +246,7 @@ def gate_and_mask_ms(cfg, kind, layout, q, k, args) -> dict:
         return _select(qb, kb, layout, valid, cfg, kind)
 
     sel = gate()
-    mask_ms = timed(lambda: vflex.block_mask(sel, valid, layout.padded_volume), args.warmup, args.iters)
+    mask_ms = timed(lambda: tile_tables(sel, valid, layout.padded_volume), args.warmup, args.iters)
     return {"gate_ms": timed(gate, args.warmup, args.iters), "mask_ms": mask_ms}
 
 

@@ -352,10 +352,10 @@ def test_flex_forward_matches_oracle_on_cpu(kind, granularity):
         torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_flex_tile_tables_list_selected_tiles_first_in_order():
+def test_tile_tables_list_selected_tiles_first_in_order():
     # The BlockMask tables come from a sort-free stable partition; the kernel reads the first `count`
     # indices of each row, and must be able to read the rest (a permutation of all tiles) safely.
-    from vmoba.flex import _ordered
+    from vmoba.tiles import _ordered
 
     tiles = torch.rand(2, 3, 5, 11) < torch.rand(2, 3, 5, 1)  # rows from empty to full
     counts, indices = _ordered(tiles)
@@ -408,6 +408,18 @@ def test_flash_varlen_without_flash_attn_says_how_to_install():
     q, k, v = (t.detach().bfloat16() for t in rand_qkv(D=16))
     with pytest.raises(ImportError, match="pip install flash-attn --no-build-isolation"):
         vmoba_attention(q, k, v, GRID, make_config("3d"), backend="flash_varlen")
+
+
+def test_fa4_refuses_what_it_cannot_run_and_says_why():
+    from vmoba import fa4
+
+    q = torch.randn(1, 256, 2, 64, dtype=torch.bfloat16)
+    assert "fp16 or bf16" in fa4.unsupported(q.float())
+    assert "head dim" in fa4.unsupported(q[..., :40])
+    assert "Hopper" in fa4.unsupported(q)  # CPU
+    cfg = make_config("1d", block_1d=1, granularity="block")
+    with pytest.raises(ValueError, match="Hopper"):
+        vmoba_attention(q, q, q, (2, 8, 16), cfg, backend="fa4")
 
 
 def test_public_api_names():

@@ -77,6 +77,71 @@ def test_flex_within_flash_attention_rule(kind, granularity, D, selection):
     check_flash_attention_rule(flex_block_attention, *block_order(cfg, kind, GRID, qkv, TILE))
 
 
+FA4_GRID = (16, 8, 16)  # whole 4x4x8 and 4-frame blocks: no padding, no mask in the kernel
+
+
+def fa4_or_skip():
+    from vmoba import fa4
+
+    reason = fa4.unsupported(torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16))
+    if reason:
+        pytest.skip(reason)
+    return fa4
+
+
+@pytest.mark.parametrize(
+    "kind, granularity, D, selection, grid",
+    [
+        ("3d", "block", 128, "threshold", FA4_GRID),
+        ("1d", "block", 64, "topk", FA4_GRID),
+        ("3d", "block", 64, "topk", GRID),  # padded blocks: the valid-key mask on partial tiles
+        ("2d", "token", 64, "threshold", GRID),  # the per-token selection mask
+    ],
+)
+def test_fa4_within_flash_attention_rule(kind, granularity, D, selection, grid):
+    fa4 = fa4_or_skip()
+    torch.manual_seed(5)
+    cfg = config(kind, granularity, selection=selection, topk_1d=2, topk_3d=4)
+    L = grid[0] * grid[1] * grid[2]
+    qkv = [torch.randn(2, L, 3, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    qb, kb, vb, sel, S, valid = block_order(cfg, kind, grid, qkv, fa4.TILE)
+    padded = not bool(valid.all())
+    assert padded == (grid == GRID)
+
+    def kernel(*args):
+        return fa4.fa4_block_attention(*args, padded=padded)
+
+    check_flash_attention_rule(kernel, qb, kb, vb, sel, S, valid)
+
+
+def test_fa4_with_a_text_prefix_matches_the_reference_with_gradients():
+    fa4_or_skip()
+    torch.manual_seed(7)
+    cfg = config("3d", "block", selection="topk", topk_3d=4)
+    L, S = GRID[0] * GRID[1] * GRID[2], 37
+    q, k, v = (torch.randn(2, S + L, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    grad_out = torch.randn_like(q)
+    got = fwd_bwd(lambda *t: vmoba_attention(*t, GRID, cfg, backend="fa4", num_prefix=S), (q, k, v), grad_out)
+    want = fwd_bwd(
+        lambda *t: vmoba_attention(*t, GRID, cfg, backend="reference", num_prefix=S),
+        [t.float() for t in (q, k, v)],
+        grad_out,
+    )
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=3e-2, msg=name)
+
+
+def test_auto_takes_fa4_for_block_granularity_and_flex_for_token():
+    fa4_or_skip()
+    torch.manual_seed(6)
+    L = FA4_GRID[0] * FA4_GRID[1] * FA4_GRID[2]
+    q, k, v = (torch.randn(1, L, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for granularity, expected in (("block", "fa4"), ("token", "flex")):
+        cfg = config("3d", granularity, selection="topk", topk_3d=4)
+        auto, explicit = (vmoba_attention(q, k, v, FA4_GRID, cfg, backend=b) for b in ("auto", expected))
+        torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
+
+
 def test_flex_path_has_no_host_sync_and_no_recompile():
     torch.manual_seed(1)
     cfg = config("3d", "block", selection="threshold")
@@ -142,8 +207,12 @@ def test_flex_token_granularity_beyond_int32_index_range():
 
 
 def test_flash_varlen_within_flash_attention_rule():
-    pytest.importorskip("flash_attn", reason="pip install flash-attn --no-build-isolation (or vmoba[flash])")
-    from vmoba.flash import flash_varlen_attention
+    from vmoba.flash import INSTALL_HINT, _flash_varlen_func, flash_varlen_attention
+
+    try:  # flash-attn 2's varlen API; FlashAttention-4 alone provides only the `flash_attn.cute` package
+        _flash_varlen_func()
+    except ImportError:
+        pytest.skip(INSTALL_HINT)
 
     torch.manual_seed(3)
     cfg = config("3d", "token", selection="threshold")

@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import fa4
 from .config import VMoBAConfig
 from .flash import flash_varlen_attention
 from .partition import BlockLayout, block_layout, partition_layout, unpartition_layout, valid_mask
 from .reference import reference_attention
 from .selection import gate_scores, select_from_scores
+from .tiles import TILE
 
-BACKENDS = ("auto", "reference", "flex", "flash_varlen")
+BACKENDS = ("auto", "reference", "flex", "fa4", "flash_varlen")
+TILED = ("flex", "fa4")  # backends that need blocks padded to whole kernel tiles
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _resolve_backend(backend: str, q: torch.Tensor, config: VMoBAConfig) -> str:
+    """The backend that runs this call: `auto` takes fa4 for block granularity where it runs, else flex,
+    on CUDA (token granularity keeps flex: docs/benchmarks.md, note 10), and reference on CPU."""
     if backend == "auto":
         # On CPU FlexAttention has no backward and compiles ~18 s per shape, which outweighs its
         # forward gain at the sizes a CPU handles (docs/benchmarks.md, "CPU: what auto picks").
-        return "flex" if device.type == "cuda" else "reference"
+        if not q.is_cuda:
+            return "reference"
+        return "fa4" if config.granularity == "block" and fa4.unsupported(q) is None else "flex"
+    if backend == "fa4":
+        reason = fa4.unsupported(q)
+        if reason == fa4.INSTALL_HINT:
+            raise ImportError(reason)
+        if reason:
+            raise ValueError(reason)
     return backend
 
 
@@ -130,7 +143,9 @@ def vmoba_attention(
             text of a joint-attention model), then L video tokens in raster order of `grid`.
         grid: (T, H, W) of the patchified latent, L == T*H*W.
         config: VMoBAConfig; layer_idx: picks the partition (1d/2d/3d cycle) and the dense first layers.
-        backend: "auto" (flex on CUDA, reference on CPU) | "reference" | "flex" | "flash_varlen".
+        backend: "auto" (CUDA: fa4 for block granularity where `fa4.unsupported` is None, else flex;
+            CPU: reference) |
+            "reference" | "flex" | "fa4" | "flash_varlen".
         step: denoising step index (None in training); dense while step < config.dense_first_steps.
         stats: optional dict, filled with detached per-head tensors: "density" [H] (1 in dense layers) and,
             in sparse layers, "blocks" [H] (see `selection_stats`; video tokens only).
@@ -144,14 +159,16 @@ def vmoba_attention(
         raise ValueError(f"num_prefix must be an int in [0, {q.shape[1]}), got {num_prefix!r}")
     prefix = [t[:, :num_prefix] for t in (q, k, v)]
     _check_inputs(*(t[:, num_prefix:] for t in (q, k, v)), grid)
-    backend = _resolve_backend(backend, q.device)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if config.is_dense(layer_idx, step):
         if stats is not None:
             stats["density"] = torch.ones(q.shape[2], device=q.device)
         return dense_attention(q, k, v)
     kind = config.partition_for_layer(layer_idx)
-    flex = _flex() if backend == "flex" else None
-    layout = _layout(config, grid, layer_idx, flex.TILE if flex else 1)
+    tiled = backend in TILED or (backend == "auto" and q.is_cuda)
+    layout = _layout(config, grid, layer_idx, TILE if tiled else 1)
+    backend = _resolve_backend(backend, q, config)
     valid = valid_mask(layout, q.device)
     qb, kb, vb = (partition_layout(t[:, num_prefix:], layout) for t in (q, k, v))
     with torch.no_grad():  # the gate is discrete: no gradient flows through it
@@ -160,10 +177,13 @@ def vmoba_attention(
         stats.update(selection_stats(sel, layout, valid))
     if num_prefix:
         qb, kb, vb, sel, valid, head = _prepend(prefix, (qb, kb, vb), sel, valid, layout.padded_volume)
-    if flex:
-        kernel = flex.flex_block_attention
+    if backend == "flex":
+        kernel = _flex().flex_block_attention
+    elif backend == "fa4":  # without padding it compiles no mask (the prefix pads unless it fills blocks)
+        padded = layout.length != layout.num_tokens or num_prefix % layout.padded_volume != 0
+        kernel = functools.partial(fa4.fa4_block_attention, padded=padded)
     else:
-        kernel = reference_attention if backend == "reference" else flash_varlen_attention
+        kernel = {"reference": reference_attention, "flash_varlen": flash_varlen_attention}[backend]
     out = kernel(qb, kb, vb, sel, layout.padded_volume, valid)
     if not num_prefix:
         return unpartition_layout(out, layout)
