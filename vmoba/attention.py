@@ -20,15 +20,15 @@ TILED = ("flex", "fa4")  # backends that need blocks padded to whole kernel tile
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, config: VMoBAConfig) -> str:
-    """The backend that runs this call: `auto` takes fa4 for block granularity where it runs, else flex,
-    on CUDA (token granularity keeps flex: docs/benchmarks.md, note 10), and reference on CPU."""
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend that runs this call: `auto` takes fa4 where it runs, else flex, on CUDA (fa4 is the
+    faster at both granularities: docs/benchmarks.md, note 10), and reference on CPU."""
     if backend == "auto":
         # On CPU FlexAttention has no backward and compiles ~18 s per shape, which outweighs its
         # forward gain at the sizes a CPU handles (docs/benchmarks.md, "CPU: what auto picks").
         if not q.is_cuda:
             return "reference"
-        return "fa4" if config.granularity == "block" and fa4.unsupported(q) is None else "flex"
+        return "flex" if fa4.unsupported(q) else "fa4"
     if backend == "fa4":
         reason = fa4.unsupported(q)
         if reason == fa4.INSTALL_HINT:
@@ -143,8 +143,7 @@ def vmoba_attention(
             text of a joint-attention model), then L video tokens in raster order of `grid`.
         grid: (T, H, W) of the patchified latent, L == T*H*W.
         config: VMoBAConfig; layer_idx: picks the partition (1d/2d/3d cycle) and the dense first layers.
-        backend: "auto" (CUDA: fa4 for block granularity where `fa4.unsupported` is None, else flex;
-            CPU: reference) |
+        backend: "auto" (CUDA: fa4 where `fa4.unsupported` is None, else flex; CPU: reference) |
             "reference" | "flex" | "fa4" | "flash_varlen".
         step: denoising step index (None in training); dense while step < config.dense_first_steps.
         stats: optional dict, filled with detached per-head tensors: "density" [H] (1 in dense layers) and,
@@ -168,7 +167,7 @@ def vmoba_attention(
     kind = config.partition_for_layer(layer_idx)
     tiled = backend in TILED or (backend == "auto" and q.is_cuda)
     layout = _layout(config, grid, layer_idx, TILE if tiled else 1)
-    backend = _resolve_backend(backend, q, config)
+    backend = _resolve_backend(backend, q)
     valid = valid_mask(layout, q.device)
     qb, kb, vb = (partition_layout(t[:, num_prefix:], layout) for t in (q, k, v))
     with torch.no_grad():  # the gate is discrete: no gradient flows through it
