@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .tiles import TILE, tile_tables
+from .tiles import FIELDS, TILE, tile_tables
 
 INSTALL_HINT = (
     "the fa4 backend needs FlashAttention-4: pip install flash-attn-4 (or pip install 'vmoba[fa4]')"
@@ -120,20 +120,10 @@ def fa4_block_attention(
         mask_mod, aux = _token_mask(block_slots), [bits, valid.to(torch.int32)]
     elif padded:
         mask_mod, aux = _valid_key_mask(), [valid.to(torch.int32)]
-    forward = Tables(
-        t["kv_num_blocks"],
-        t["kv_indices"],
-        t["full_kv_num_blocks"],
-        t["full_kv_indices"],
-        block_size=(TILE, TILE),
-    )
-    backward = Tables(
-        t["q_num_blocks"],
-        t["q_indices"],
-        t["full_q_num_blocks"],
-        t["full_q_indices"],
-        block_size=(TILE, TILE),
-    )
+    # `FIELDS` order: (partial counts, indices, full counts, indices) of the key tiles of each query tile
+    # (forward, dq), then the same of the query tiles of each key tile (dk, dv).
+    tables = [t[name] for name in FIELDS]
+    forward, backward = (Tables(*tables[i : i + 4], block_size=(TILE, TILE)) for i in (0, 4))
     out, _ = attend(
         q,
         k,
