@@ -32,6 +32,7 @@ from vmoba import (  # noqa: E402
     block_layout,  # noqa: E402
     vmoba_attention,
 )
+from vmoba import fa4 as vfa4  # noqa: E402
 from vmoba import flex as vflex  # noqa: E402
 from vmoba.attention import _select  # noqa: E402
 from vmoba.partition import partition_layout, valid_mask  # noqa: E402
@@ -71,6 +72,13 @@ def parse_args(argv=None):
         choices=["flex", "fa4"],
         default=["flex", "fa4"],
         help="VMoBA kernels (fa4 rows report why where it cannot run)",
+    )
+    p.add_argument(
+        "--fa4-backward-groups",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="vmoba.fa4.BACKWARD_HEAD_GROUPS per fa4 variant (0 = None: save block order, the default)",
     )
     p.add_argument(
         "--kernel-options",
@@ -196,7 +204,7 @@ def vmoba_rows(args, grid, q, k, v):
     modes = [("block", "topk", d) for d in args.densities if "block" in args.granularities]
     modes += [("block", "threshold", t) for t in args.threshold if "block" in args.granularities]
     modes += [("token", "topk", d) for d in args.token_densities if "token" in args.granularities]
-    variants = [("fa4", None)] if "fa4" in args.backends else []
+    variants = [("fa4", groups) for groups in args.fa4_backward_groups] if "fa4" in args.backends else []
     if "flex" in args.backends:
         variants += [("flex", json.loads(o) if o else None) for o in args.kernel_options]
     tuned = vflex.KERNEL_OPTIONS
@@ -212,12 +220,17 @@ def vmoba_rows(args, grid, q, k, v):
                 granularity=granularity,
                 **budget,
             )
-            # None: vmoba's tuned FlexAttention options for this GPU
-            vflex.KERNEL_OPTIONS = tuned if options is None else {torch.cuda.get_device_capability(): options}
+            # flex: options None = vmoba's tuned FlexAttention options for this GPU; fa4: backward head groups
+            if backend == "flex":
+                vflex.KERNEL_OPTIONS = (
+                    tuned if options is None else {torch.cuda.get_device_capability(): options}
+                )
+            else:
+                vfa4.BACKWARD_HEAD_GROUPS = options or None
             stats = {}
-            label = f"vmoba {backend} {granularity} {selection}={value:g}" + (
-                f" {json.dumps(options)}" if options else ""
-            )
+            label = f"vmoba {backend} {granularity} {selection}={value:g}"
+            if options:
+                label += f" {json.dumps(options)}" if backend == "flex" else f" bwd-groups={options}"
             row = measure(
                 label,
                 lambda q, k, v, cfg=cfg, stats=stats, backend=backend: vmoba_attention(
@@ -233,7 +246,7 @@ def vmoba_rows(args, grid, q, k, v):
                 row.update(gate_and_mask_ms(cfg, kind, layout, q, k, args))
                 print(json.dumps(row), flush=True)
             yield row
-    vflex.KERNEL_OPTIONS = tuned
+    vflex.KERNEL_OPTIONS, vfa4.BACKWARD_HEAD_GROUPS = tuned, None
 
 
 def gate_and_mask_ms(cfg, kind, layout, q, k, args) -> dict:

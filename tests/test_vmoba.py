@@ -410,6 +410,23 @@ def test_flash_varlen_without_flash_attn_says_how_to_install():
         vmoba_attention(q, k, v, GRID, make_config("3d"), backend="flash_varlen")
 
 
+@pytest.mark.parametrize("grid", [(4, 8, 8), (3, 6, 10)])  # whole cubes; padded cubes
+@pytest.mark.parametrize("num_prefix", [0, 5])
+def test_block_order_writes_into_a_head_slice(grid, num_prefix):
+    # fa4's backward writes each head group's gradients straight into slices of the raster gradient.
+    from vmoba.attention import BlockOrder
+    from vmoba.partition import block_layout
+
+    order = BlockOrder(block_layout(grid, "3d", (2, 4, 4), 16), num_prefix)
+    x = torch.randn(2, num_prefix + grid[0] * grid[1] * grid[2], 6, 8, dtype=torch.float64)
+    blocks = order.to_blocks(x)
+    out = torch.full_like(x, torch.nan)
+    for heads in (slice(0, 4), slice(4, 6)):
+        order.from_blocks(blocks[:, :, heads], out=out[:, :, heads])
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+    torch.testing.assert_close(order.from_blocks(blocks), x, rtol=0, atol=0)
+
+
 def test_fa4_refuses_what_it_cannot_run_and_says_why():
     from vmoba import fa4
 

@@ -98,8 +98,10 @@ def fa4_or_skip():
         ("2d", "token", 64, "threshold", GRID),  # the per-token selection mask
     ],
 )
-def test_fa4_within_flash_attention_rule(kind, granularity, D, selection, grid):
+@pytest.mark.parametrize("backward_groups", [None, 2])  # saved block order; re-partitioned per 2 heads
+def test_fa4_within_flash_attention_rule(kind, granularity, D, selection, grid, backward_groups, monkeypatch):
     fa4 = fa4_or_skip()
+    monkeypatch.setattr(fa4, "BACKWARD_HEAD_GROUPS", backward_groups)
     torch.manual_seed(5)
     cfg = config(kind, granularity, selection=selection, topk_1d=2, topk_3d=4)
     L = grid[0] * grid[1] * grid[2]
@@ -114,8 +116,10 @@ def test_fa4_within_flash_attention_rule(kind, granularity, D, selection, grid):
     check_flash_attention_rule(kernel, qb, kb, vb, sel, S, valid)
 
 
-def test_fa4_with_a_text_prefix_matches_the_reference_with_gradients():
-    fa4_or_skip()
+@pytest.mark.parametrize("backward_groups", [None, 2])
+def test_fa4_with_a_text_prefix_matches_the_reference_with_gradients(backward_groups, monkeypatch):
+    fa4 = fa4_or_skip()
+    monkeypatch.setattr(fa4, "BACKWARD_HEAD_GROUPS", backward_groups)
     torch.manual_seed(7)
     cfg = config("3d", "block", selection="topk", topk_3d=4)
     L, S = GRID[0] * GRID[1] * GRID[2], 37

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -156,7 +156,6 @@ def vmoba_attention(
     """
     if not isinstance(num_prefix, int) or not 0 <= num_prefix < q.shape[1]:
         raise ValueError(f"num_prefix must be an int in [0, {q.shape[1]}), got {num_prefix!r}")
-    prefix = [t[:, :num_prefix] for t in (q, k, v)]
     _check_inputs(*(t[:, num_prefix:] for t in (q, k, v)), grid)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -169,48 +168,79 @@ def vmoba_attention(
     layout = _layout(config, grid, layer_idx, TILE if tiled else 1)
     backend = _resolve_backend(backend, q)
     valid = valid_mask(layout, q.device)
-    qb, kb, vb = (partition_layout(t[:, num_prefix:], layout) for t in (q, k, v))
+    order = BlockOrder(layout, num_prefix)
+    # fa4 differentiates through raster q, k, v itself (it re-partitions them per head group in backward,
+    # so nothing block-ordered is saved); the other kernels get block-order tensors with autograd.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and backend != "fa4"):
+        qb, kb, vb = (order.to_blocks(t) for t in (q, k, v))
     with torch.no_grad():  # the gate is discrete: no gradient flows through it
-        sel = _select(qb, kb, layout, valid, config, kind)
+        sel = _select(qb[:, order.head :], kb[:, order.head :], layout, valid, config, kind)
     if stats is not None:
         stats.update(selection_stats(sel, layout, valid))
     if num_prefix:
-        qb, kb, vb, sel, valid, head = _prepend(prefix, (qb, kb, vb), sel, valid, layout.padded_volume)
+        sel, valid = _joint_selection(sel, valid, order)
+    if backend == "fa4":
+        # Without padding no tile is partial and the kernels compile without a mask.
+        padded = layout.length != layout.num_tokens or order.head != num_prefix
+        return fa4.fa4_block_attention(q, k, v, sel, layout.padded_volume, valid, padded, order, (qb, kb, vb))
     if backend == "flex":
         kernel = _flex().flex_block_attention
-    elif backend == "fa4":  # without padding it compiles no mask (the prefix pads unless it fills blocks)
-        padded = layout.length != layout.num_tokens or num_prefix % layout.padded_volume != 0
-        kernel = functools.partial(fa4.fa4_block_attention, padded=padded)
     else:
         kernel = {"reference": reference_attention, "flash_varlen": flash_varlen_attention}[backend]
-    out = kernel(qb, kb, vb, sel, layout.padded_volume, valid)
-    if not num_prefix:
-        return unpartition_layout(out, layout)
-    return torch.cat([out[:, :num_prefix], unpartition_layout(out[:, head:], layout)], dim=1)
+    return order.from_blocks(kernel(qb, kb, vb, sel, layout.padded_volume, valid))
 
 
-def _prepend(prefix, video, sel: torch.Tensor, valid: torch.Tensor, block_slots: int):
-    """Prefix tokens as extra blocks in front of the block-order video: every row selects them, and their
-    rows select every block, so the kernels need no special case.
+@dataclass(frozen=True)
+class BlockOrder:
+    """Raster order <-> block order of one call: `num_prefix` tokens (zero-padded to whole blocks, the first
+    `head` slots), then the video's blocks (`partition_layout`)."""
+
+    layout: BlockLayout
+    num_prefix: int
+
+    @property
+    def head(self) -> int:
+        """Slots before the video's blocks: the prefix rounded up to whole blocks."""
+        return -(-self.num_prefix // self.layout.padded_volume) * self.layout.padded_volume
+
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S + L, ...] raster -> [B, head + C*V, ...] block order."""
+        S = self.num_prefix
+        video = partition_layout(x[:, S:], self.layout)
+        if not S:
+            return video
+        pad = (0, 0) * (x.dim() - 2) + (0, self.head - S)
+        return torch.cat([torch.nn.functional.pad(x[:, :S], pad), video], dim=1)
+
+    def from_blocks(self, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of `to_blocks`: [B, head + C*V, ...] -> [B, S + L, ...] (padding dropped); with `out`
+        (e.g. a head slice of a larger tensor), written there (see `unpartition_layout`)."""
+        if out is not None:
+            out[:, : self.num_prefix] = y[:, : self.num_prefix]
+            unpartition_layout(y[:, self.head :], self.layout, out[:, self.num_prefix :])
+            return out
+        video = unpartition_layout(y[:, self.head :], self.layout)
+        if not self.num_prefix:
+            return video  # no concatenation (a full copy) without a prefix
+        return torch.cat([y[:, : self.num_prefix], video], dim=1)
+
+
+def _joint_selection(sel: torch.Tensor, valid: torch.Tensor, order: BlockOrder):
+    """The selection with the prefix as extra blocks in front: every row selects them, and their rows
+    select every block, so the kernels need no special case.
 
     Args:
-        prefix: (q, k, v) [B, S, H, D]; video: (q, k, v) [B, C*V, H, D] in block order (V = block_slots);
-        sel: bool [B, H, R, C] (R = C*V or C); valid: bool [C*V].
+        sel: bool [B, H, R, C] of the video (R = C*V or C); valid: bool [C*V]; order: with S prefix tokens.
     Returns:
-        q, k, v [B, (P + C)*V, H, D] with P = ceil(S / V) zero-padded prefix blocks first; sel bool
-        [B, H, P*V + R or P + R, P + C]; valid bool [(P + C)*V]; P*V, where the video slots start.
+        sel bool [B, H, P*V + R or P + R, P + C] with P = head / V prefix blocks; valid bool [(P + C)*V].
     """
-    S, (B, H, R, C) = prefix[0].shape[1], sel.shape
-    P = -(-S // block_slots)
-    pad = P * block_slots - S
-    qkv = [
-        torch.cat([torch.nn.functional.pad(p, (0, 0, 0, 0, 0, pad)), x], dim=1) for p, x in zip(prefix, video)
-    ]
-    head_valid = torch.arange(P * block_slots, device=valid.device) < S
-    rows = P * block_slots if R == valid.shape[0] else P  # token or block granularity
+    (B, H, R, C), V = sel.shape, order.layout.padded_volume
+    P = order.head // V
+    head_valid = torch.arange(order.head, device=valid.device) < order.num_prefix
+    rows = order.head if R == valid.shape[0] else P  # token or block granularity
     joint = sel.new_ones(B, H, rows + R, P + C)
     joint[:, :, rows:, P:] = sel
-    return (*qkv, joint, torch.cat([head_valid, valid]), P * block_slots)
+    return joint, torch.cat([head_valid, valid])
 
 
 def attention_recall(

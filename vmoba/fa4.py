@@ -29,13 +29,13 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 @functools.cache
 def _api():
-    """(flash_attn_func, BlockSparseTensorsTorch), or None when flash-attn-4 is not importable."""
+    """(flash_attn.cute.interface, BlockSparseTensorsTorch), or None when flash-attn-4 is not importable."""
     try:
-        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute import interface
         from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
     except ImportError:  # not installed; also its CuTe DSL runtime on a machine without a CUDA driver
         return None
-    return flash_attn_func, BlockSparseTensorsTorch
+    return interface, BlockSparseTensorsTorch
 
 
 @functools.cache
@@ -90,6 +90,18 @@ def unsupported(q: torch.Tensor) -> str | None:
     return None
 
 
+class _Identity:
+    """Block order as given: inputs already partitioned."""
+
+    @staticmethod
+    def to_blocks(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def from_blocks(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return y if out is None else out.copy_(y)
+
+
 def fa4_block_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -98,39 +110,117 @@ def fa4_block_attention(
     block_slots: int,
     valid: torch.Tensor,
     padded: bool = True,
+    order=None,
+    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Block-sparse attention through FlashAttention-4, for calls `unsupported` accepts.
+    """Block-sparse attention through FlashAttention-4, for tensors `unsupported` accepts.
 
     Args:
-        q, k, v: [B, L, H, D] fp16/bf16 in block order, L = C * block_slots, block_slots a multiple of TILE.
-        sel: bool [B, H, R, C], R = L (token granularity) or C (block granularity); valid: bool [L].
+        q, k, v: [B, N, H, D] fp16/bf16, in block order, or in `order`'s raster order when it is given.
+        sel: bool [B, H, R, C], R = L (token granularity) or C (block granularity); valid: bool [L]; in block
+            order L = C * block_slots, block_slots a multiple of TILE.
         padded: False promises `valid` is all True, so block granularity needs no mask at all.
+        order: None, or an object with `to_blocks(x)` ([B, N, h, D] -> [B, L, h, D]) and its inverse
+            `from_blocks(y, out=None)`, e.g. `vmoba.attention.BlockOrder`.
+        blocks: `order.to_blocks` of q, k, v if already computed (used by the forward only).
     Returns:
-        [B, L, H, D] in q's dtype.
+        [B, N, H, D] in q's dtype, in q's order.
     """
-    api = _api()
-    if api is None:
+    if _api() is None:
         raise ImportError(INSTALL_HINT)
-    attend, Tables = api
     t, bits = tile_tables(sel, valid, block_slots)
     # The mask runs on partial tiles only. Block granularity without padding has none: every selected
     # tile is full, and the kernel is compiled without a mask.
-    mask_mod, aux = None, None
+    mask_mod, aux = None, []
     if bits is not None:
         mask_mod, aux = _token_mask(block_slots), [bits, valid.to(torch.int32)]
     elif padded:
         mask_mod, aux = _valid_key_mask(), [valid.to(torch.int32)]
-    # `FIELDS` order: (partial counts, indices, full counts, indices) of the key tiles of each query tile
-    # (forward, dq), then the same of the query tiles of each key tile (dk, dv).
-    tables = [t[name] for name in FIELDS]
-    forward, backward = (Tables(*tables[i : i + 4], block_size=(TILE, TILE)) for i in (0, 4))
-    out, _ = attend(
-        q,
-        k,
-        v,
-        mask_mod=mask_mod,
-        aux_tensors=aux,
-        block_sparse_tensors=forward,
-        block_sparse_tensors_bwd=backward,
-    )
-    return out
+    kernel = _Kernel([t[name] for name in FIELDS], mask_mod, aux)
+    return _BlockSparse.apply(q, k, v, kernel, order or _Identity, blocks)
+
+
+# What the backward reads. None (default): the forward's block-order q, k, v and output, saved (the fastest
+# training step). n: only raster q, k, v and the output are saved, and the backward partitions them again
+# in n head groups, so block-order copies exist for one group at a time: peak memory near dense attention's
+# (1.01x at n = 6 vs 1.85x, 55K tokens on an H100) for ~2 ms more (docs/benchmarks.md, note 11).
+BACKWARD_HEAD_GROUPS: int | None = None
+
+
+class _Kernel:
+    """FA4's forward and backward over one selection's tile tables, for all heads or a slice of them."""
+
+    def __init__(self, tables: list[torch.Tensor], mask_mod, aux: list[torch.Tensor]):
+        # `FIELDS` order: (partial counts, indices, full counts, indices) of the key tiles of each query
+        # tile (forward, dq), then the same of the query tiles of each key tile (dk, dv); [B, H, ...].
+        self.tables, self.mask_mod, self.aux = tables, mask_mod, aux
+
+    def _sparse(self, first: int, heads: slice):
+        tables = [x[:, heads].contiguous() for x in self.tables[first : first + 4]]
+        return _api()[1](*tables, block_size=(TILE, TILE))
+
+    def _aux(self, heads: slice):
+        # Per-head tables (the token bits [B, H, L, C/8]) follow the slice; `valid` [L] has no head dim.
+        return [x[:, heads].contiguous() if x.dim() == 4 else x for x in self.aux] or None
+
+    def forward(self, q, k, v):
+        """q, k, v [B, L, H, D] block order -> (out [B, L, H, D], lse fp32 [B, H, L])."""
+        heads = slice(None)
+        out, lse, *_ = _api()[0]._flash_attn_fwd(
+            q,
+            k,
+            v,
+            mask_mod=self.mask_mod,
+            aux_tensors=self._aux(heads),
+            block_sparse_tensors=self._sparse(0, heads),
+            return_lse=True,
+        )
+        return out, lse
+
+    def backward(self, q, k, v, out, grad_out, lse, heads: slice):
+        """The heads' (dq, dk, dv), block order [B, L, h, D], of block-order inputs of those heads."""
+        return _api()[0]._flash_attn_bwd(
+            q,
+            k,
+            v,
+            out,
+            grad_out,
+            lse[:, heads].contiguous(),
+            mask_mod=self.mask_mod,
+            aux_tensors=self._aux(heads),
+            block_sparse_tensors=self._sparse(4, heads),
+        )[:3]
+
+
+class _BlockSparse(torch.autograd.Function):
+    """out = from_blocks(attention(to_blocks(q), to_blocks(k), to_blocks(v))); see BACKWARD_HEAD_GROUPS for
+    what it saves."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kernel: _Kernel, order, blocks):
+        qb, kb, vb = blocks if blocks is not None else (order.to_blocks(x) for x in (q, k, v))
+        out_b, lse = kernel.forward(qb, kb, vb)
+        out = order.from_blocks(out_b)
+        ctx.groups = BACKWARD_HEAD_GROUPS
+        ctx.save_for_backward(*((qb, kb, vb, out_b) if ctx.groups is None else (q, k, v, out)), lse)
+        ctx.kernel, ctx.order, ctx.shape = kernel, order, q.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        *saved, lse = ctx.saved_tensors  # block order, or raster when the backward partitions again
+        order, kernel = ctx.order, ctx.kernel
+        if ctx.groups is None:  # one pass over the saved block order
+            parts = kernel.backward(*saved, order.to_blocks(grad_out).contiguous(), lse, slice(None))
+            return (*(order.from_blocks(part) for part in parts), None, None, None)
+        grads = [grad_out.new_empty(ctx.shape) for _ in range(3)]
+        H = ctx.shape[2]
+        size = -(-H // ctx.groups)
+        for start in range(0, H, size):
+            heads = slice(start, start + size)
+            inputs = [order.to_blocks(x[:, :, heads]).contiguous() for x in (*saved, grad_out)]
+            parts = kernel.backward(*inputs, lse, heads)
+            del inputs
+            for grad, part in zip(grads, parts):
+                order.from_blocks(part, out=grad[:, :, heads])
+        return (*grads, None, None, None)

@@ -98,15 +98,23 @@ def partition_layout(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return x.reshape(B, layout.length, *rest)
 
 
-def unpartition_layout(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """Inverse of `partition_layout`: [B, num_blocks * padded_volume, *rest] -> [B, L, *rest] raster order."""
+def unpartition_layout(x: torch.Tensor, layout: BlockLayout, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `partition_layout`: [B, num_blocks * padded_volume, *rest] -> [B, L, *rest] raster order.
+
+    With `out` ([B, L, *rest], any strides with a uniform token stride, e.g. a head slice), writes there and
+    returns it: one strided copy, no temporary, when the layout has no padding.
+    """
     (T, H, W), (ct, ch, cw), (nt, nh, nw) = layout.grid, layout.cube, layout.counts
     B, rest = x.shape[0], x.shape[2:]
-    x = x.reshape(B, layout.num_blocks, layout.padded_volume, *rest)[:, :, : layout.volume]
     tail = tuple(range(7, 7 + len(rest)))
+    if out is not None and layout.length == layout.num_tokens:
+        blocks = x.reshape(B, nt, nh, nw, ct, ch, cw, *rest).permute(0, 1, 4, 2, 5, 3, 6, *tail)
+        out.view(B, nt, ct, nh, ch, nw, cw, *rest).copy_(blocks)
+        return out
+    x = x.reshape(B, layout.num_blocks, layout.padded_volume, *rest)[:, :, : layout.volume]
     x = x.reshape(B, nt, nh, nw, ct, ch, cw, *rest).permute(0, 1, 4, 2, 5, 3, 6, *tail)
-    x = x.reshape(B, nt * ct, nh * ch, nw * cw, *rest)[:, :T, :H, :W]
-    return x.reshape(B, T * H * W, *rest)
+    x = x.reshape(B, nt * ct, nh * ch, nw * cw, *rest)[:, :T, :H, :W].reshape(B, T * H * W, *rest)
+    return x if out is None else out.copy_(x)
 
 
 def partition(x: torch.Tensor, grid, kind: str, block, pad_to: int = 1) -> torch.Tensor:
