@@ -10,6 +10,10 @@ on an H100 its tiles run as fast as cuDNN's dense kernel; FlexAttention's reach 
 Full tiles run unmasked. Partial tiles (padded keys; token granularity's per-query selection) run a CuTe
 `mask_mod` that reads `valid` and the bit-packed selection as auxiliary tensors. Block granularity without
 padding has no partial tiles, and its kernels are compiled without a mask.
+
+FA4's forward and backward (`flash_attn.cute.interface._flash_attn_fwd` / `_flash_attn_bwd`, the entry
+points PyTorch's FlexAttention FLASH backend calls too) run inside `_BlockSparse`, which owns the
+raster <-> block order, so the backward can partition again per head group (`BACKWARD_HEAD_GROUPS`).
 """
 
 from __future__ import annotations
