@@ -17,6 +17,7 @@ from vmoba import (
     vmoba_attention,
 )
 from vmoba.partition import valid_mask
+from vmoba.reference import reference_attention
 
 GRID = (5, 4, 5)  # divides none of the blocks below: every layout has padded blocks
 BLOCKS = {"1d": 2, "2d": (3, 2), "3d": (2, 3, 2)}
@@ -418,6 +419,7 @@ def test_block_order_writes_into_a_head_slice(grid, num_prefix):
     from vmoba.partition import block_layout
 
     order = BlockOrder(block_layout(grid, "3d", (2, 4, 4), 16), num_prefix)
+    assert order.padded == (grid != (4, 8, 8) or num_prefix > 0)  # 5 prefix tokens pad one 32-slot block
     x = torch.randn(2, num_prefix + grid[0] * grid[1] * grid[2], 6, 8, dtype=torch.float64)
     blocks = order.to_blocks(x)
     out = torch.full_like(x, torch.nan)
@@ -425,6 +427,60 @@ def test_block_order_writes_into_a_head_slice(grid, num_prefix):
         order.from_blocks(blocks[:, :, heads], out=out[:, :, heads])
     torch.testing.assert_close(out, x, rtol=0, atol=0)
     torch.testing.assert_close(order.from_blocks(blocks), x, rtol=0, atol=0)
+
+
+class _TorchKernel:
+    """fa4's `_Kernel` interface computed by the reference backend (FA4 itself needs a Hopper GPU): lets the
+    CPU check `_BlockSparse`'s raster <-> block plumbing, what it saves and its head-group backward."""
+
+    def __init__(self, sel, block_slots, valid):
+        self.sel, self.block_slots, self.valid, self.calls = sel, block_slots, valid, []
+
+    def forward(self, q, k, v):
+        out = reference_attention(q, k, v, self.sel, self.block_slots, self.valid)
+        return out, torch.zeros(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+
+    def backward(self, q, k, v, out, grad_out, lse, heads):
+        self.calls.append((heads, q.shape[2]))
+        assert all(t.is_contiguous() for t in (q, k, v, out, grad_out))
+        with torch.enable_grad():
+            qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+            o = reference_attention(*qkv, self.sel[:, heads], self.block_slots, self.valid)
+            return torch.autograd.grad(o, qkv, grad_out)
+
+
+@pytest.mark.parametrize(
+    "groups, expected_calls", [(None, [(slice(None), 3)]), (2, [(slice(0, 2), 2), (slice(2, 4), 1)])]
+)
+def test_fa4_autograd_function_matches_the_reference_in_both_backward_modes(
+    groups, expected_calls, monkeypatch
+):
+    from vmoba import fa4
+    from vmoba.attention import BlockOrder, _joint_selection, _layout, _select
+
+    monkeypatch.setattr(fa4, "BACKWARD_HEAD_GROUPS", groups)
+    S, cfg = 3, make_config("3d", granularity="block", selection="topk", topk_3d=2)
+    layout = _layout(cfg, GRID, 0, 16)
+    order = BlockOrder(layout, S)
+    q, k, v = rand_qkv(B=2, H=3, D=8)
+    q, k, v = (torch.cat([t[:, :S] * 0.5, t], 1).detach().requires_grad_() for t in (q, k, v))  # a prefix
+    valid = valid_mask(layout, q.device)
+    blocks = [order.to_blocks(t.detach()) for t in (q, k, v)]
+    sel = _select(blocks[0][:, order.head :], blocks[1][:, order.head :], layout, valid, cfg, "3d")
+    sel, valid = _joint_selection(sel, valid, order)
+    assert not sel.all()
+    kernel = _TorchKernel(sel, layout.padded_volume, valid)
+    grad_out = torch.randn_like(q)
+    got = fa4._BlockSparse.apply(q, k, v, kernel, order, None)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad_out)
+    assert kernel.calls == expected_calls
+    want = order.from_blocks(
+        reference_attention(*(order.to_blocks(t) for t in (q, k, v)), sel, layout.padded_volume, valid)
+    )
+    want_grads = torch.autograd.grad(want, (q, k, v), grad_out)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_fa4_refuses_what_it_cannot_run_and_says_why():

@@ -164,9 +164,8 @@ def vmoba_attention(
             stats["density"] = torch.ones(q.shape[2], device=q.device)
         return dense_attention(q, k, v)
     kind = config.partition_for_layer(layer_idx)
-    tiled = backend in TILED or (backend == "auto" and q.is_cuda)
-    layout = _layout(config, grid, layer_idx, TILE if tiled else 1)
     backend = _resolve_backend(backend, q)
+    layout = _layout(config, grid, layer_idx, TILE if backend in TILED else 1)
     valid = valid_mask(layout, q.device)
     order = BlockOrder(layout, num_prefix)
     # fa4 differentiates through raster q, k, v itself (it re-partitions them per head group in backward,
@@ -180,9 +179,8 @@ def vmoba_attention(
     if num_prefix:
         sel, valid = _joint_selection(sel, valid, order)
     if backend == "fa4":
-        # Without padding no tile is partial and the kernels compile without a mask.
-        padded = layout.length != layout.num_tokens or order.head != num_prefix
-        return fa4.fa4_block_attention(q, k, v, sel, layout.padded_volume, valid, padded, order, (qb, kb, vb))
+        blocks = (qb, kb, vb)
+        return fa4.fa4_block_attention(q, k, v, sel, layout.padded_volume, valid, order.padded, order, blocks)
     if backend == "flex":
         kernel = _flex().flex_block_attention
     else:
@@ -202,6 +200,11 @@ class BlockOrder:
     def head(self) -> int:
         """Slots before the video's blocks: the prefix rounded up to whole blocks."""
         return -(-self.num_prefix // self.layout.padded_volume) * self.layout.padded_volume
+
+    @property
+    def padded(self) -> bool:
+        """Whether the block order holds padding slots (grid edges, block rounding or the prefix's block)."""
+        return self.layout.length != self.layout.num_tokens or self.head != self.num_prefix
 
     def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S + L, ...] raster -> [B, head + C*V, ...] block order."""

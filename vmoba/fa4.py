@@ -214,8 +214,9 @@ class _BlockSparse(torch.autograd.Function):
     def backward(ctx, grad_out):
         *saved, lse = ctx.saved_tensors  # block order, or raster when the backward partitions again
         order, kernel = ctx.order, ctx.kernel
-        if ctx.groups is None:  # one pass over the saved block order
-            parts = kernel.backward(*saved, order.to_blocks(grad_out).contiguous(), lse, slice(None))
+        if ctx.groups is None:  # one pass over the saved block order (FA4 wants contiguous inputs)
+            inputs = [x.contiguous() for x in (*saved, order.to_blocks(grad_out))]
+            parts = kernel.backward(*inputs, lse, slice(None))
             return (*(order.from_blocks(part) for part in parts), None, None, None)
         grads = [grad_out.new_empty(ctx.shape) for _ in range(3)]
         H = ctx.shape[2]

@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .tiles import TILE, tile_tables
-
-_RECOMPILE_LIMIT = 64  # compiled variants per function: one per (shape, options); see _compiled_flex
+from .tiles import RECOMPILE_LIMIT, TILE, tile_tables
 
 # FlexAttention kernel options by CUDA compute capability, for bf16/fp16 and head dims <= 128. Hopper
 # (H100/H200): TMA loads, -3% fwd+bwd at 55K tokens (docs/benchmarks.md, note 5). 128x128 forward tiles
@@ -51,8 +49,7 @@ def block_mask(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> Bloc
 
 
 # Static shapes: each (shape, options) compiles once; Dynamo caches every variant on this one code object,
-# so `flex_block_attention` raises the recompile limit (the default 8 would silently fall back to an eager
-# path that materialises L x L scores).
+# so `flex_block_attention` raises the recompile limit (RECOMPILE_LIMIT).
 _compiled_flex = torch.compile(flex_attention, dynamic=False, fullgraph=True)
 
 
@@ -77,7 +74,7 @@ def flex_block_attention(
     if kernel_options is None:
         kernel_options = default_kernel_options(q)
     mask = block_mask(sel, valid, block_slots)
-    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
         out = _compiled_flex(
             *(t.transpose(1, 2) for t in (q, k, v)), block_mask=mask, kernel_options=kernel_options
         )

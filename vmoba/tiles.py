@@ -83,7 +83,9 @@ def _tables(sel: torch.Tensor, valid: torch.Tensor, block_slots: int):
 # On CUDA the ~40 small ops of the table build run as a few fused kernels (eager, their launches cost
 # ~1 ms per call at 55K tokens); it compiles in seconds since `_ordered` has no sort.
 _compiled_tables = torch.compile(_tables, dynamic=False, fullgraph=True)
-_RECOMPILE_LIMIT = 64  # compiled variants per function: one per shape (the default 8 falls back to eager)
+# Compiled variants per compiled function (one per shape; flex also per kernel options): past Dynamo's default
+# of 8 it silently falls back to eager, which for FlexAttention materialises L x L scores.
+RECOMPILE_LIMIT = 64
 
 
 @torch.no_grad()
@@ -102,7 +104,7 @@ def tile_tables(sel: torch.Tensor, valid: torch.Tensor, block_slots: int):
     if block_slots % TILE or valid.shape[0] % block_slots:
         raise ValueError(f"tile tables need blocks padded to a multiple of {TILE} slots, got {block_slots}")
     if sel.is_cuda:
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             tables, bits = _compiled_tables(sel, valid, block_slots)
     else:
         tables, bits = _tables(sel, valid, block_slots)
