@@ -14,6 +14,7 @@ transformer that sets the token grid `(F/pt, H/ph, W/pw)` on the controller at e
 selection is a deterministic function of `q, k`, so activation checkpointing recomputes the same mask.
 """
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -142,6 +143,20 @@ def _wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor)
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+# Eagerly, RoPE is ~8 fp32 elementwise kernels per tensor: 4.1 ms forward+backward for one
+# [1, 55296, 12, 128] bf16 tensor on an H100, ~0.37 s of a Wan-2.1-1.3B training step (q and k, 30
+# layers, forward + checkpoint recompute + backward). Inductor fuses it into one kernel each way
+# (0.54 ms). CPU keeps the eager function: no compiler toolchain needed, and it is not a hot path there.
+@functools.cache
+def _fused_wan_rope():
+    return torch.compile(_wan_rope)
+
+
+def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """`_wan_rope`, compiled into one fused kernel on CUDA."""
+    return (_fused_wan_rope() if x.is_cuda else _wan_rope)(x, freqs_cos, freqs_sin)
+
+
 class WanSelfAttnProcessor:
     """diffusers' `WanAttnProcessor` for self-attention, with the attention call replaced by `kernel`."""
 
@@ -163,7 +178,7 @@ class WanSelfAttnProcessor:
         q, k = attn.norm_q(q), attn.norm_k(k)  # RMS norm across heads, as Wan does
         q, k, v = (x.unflatten(2, (attn.heads, -1)) for x in (q, k, v))  # (B, L, H, D)
         if rotary_emb is not None:
-            q, k = _wan_rope(q, *rotary_emb), _wan_rope(k, *rotary_emb)
+            q, k = wan_rope(q, *rotary_emb), wan_rope(k, *rotary_emb)
         out = self.kernel(q, k, v).flatten(2, 3).type_as(q)  # (B, L, H*D)
         return attn.to_out[1](attn.to_out[0](out))
 

@@ -104,7 +104,7 @@ def test_attention_yamls_compose_with_their_semantics():
     with initialize_config_dir(str(CONFIGS), version_base=None):
         load = {
             n: from_hydra(AttentionConfig, compose(overrides=[f"+attention={n}"]).attention)
-            for n in ("full", "vmoba", "vmoba_global", "vmoba_topk", "vmoba_wan2.1")
+            for n in ("full", "vmoba", "vmoba_global", "vmoba_topk", "vmoba_wan2.1", "vmoba_wan2.1_480p")
         }
     assert load["full"].type == "full"
     seed = load["vmoba"]
@@ -118,6 +118,15 @@ def test_attention_yamls_compose_with_their_semantics():
     assert load["vmoba_global"].scope == "head" and load["vmoba_global"].threshold == 0.25
     assert (load["vmoba_topk"].selection, load["vmoba_topk"].granularity) == ("topk", "block")
     assert load["vmoba_wan2.1"].block_3d == (4, 4, 8)
+    # Each real-resolution config fits its grid: no padded grid, >= 90% of 128-token kernel tiles
+    # filled, top-k about 25% of the blocks.
+    for name, grid in (("vmoba_wan2.1", (24, 36, 64)), ("vmoba_wan2.1_480p", (21, 30, 52))):
+        cfg = load[name].to_vmoba()
+        for kind in ("1d", "2d", "3d"):
+            layout = vmoba.block_layout(grid, kind, cfg.block_for(kind), pad_to=128)
+            assert tuple(c * n for c, n in zip(layout.cube, layout.counts)) == grid, (name, kind)
+            assert layout.num_tokens / layout.length >= 0.9, (name, kind)
+            assert 0.2 <= cfg.topk_for(kind) / layout.num_blocks <= 0.3, (name, kind)
     # The tiny block sizes leave several blocks in every partition of the demo grid (5x8x8 tokens).
     for kind in ("1d", "2d", "3d"):
         assert vmoba.block_layout((5, 8, 8), kind, seed.block_for(kind)).num_blocks >= 4
