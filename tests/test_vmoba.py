@@ -513,3 +513,15 @@ def test_gate_and_reference_stay_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = vmoba_attention(q, k, v, GRID, cfg)
     torch.testing.assert_close(autocast, plain, rtol=0, atol=0)
+
+
+def test_rows_view_takes_token_rows_and_refuses_split_rows():
+    from vmoba.gather import rows_view
+
+    x = torch.randn(2, 5, 4, 3)
+    heads = x[:, :, 1:3]  # a head slice: rows of 2*3 contiguous values, token stride 12
+    rows = rows_view(heads)
+    assert rows.shape == (2, 5, 6) and rows.stride() == (60, 12, 1)
+    assert torch.equal(rows, heads.reshape(2, 5, 6))
+    assert rows_view(x[..., :2]) is None  # a row split inside the last dim is not one contiguous run
+    assert rows_view(x.transpose(2, 3)) is None

@@ -5,7 +5,7 @@ import torch
 
 from vmoba import VMoBAConfig, vmoba_attention
 from vmoba.attention import _layout, _select
-from vmoba.partition import partition_layout, valid_mask
+from vmoba.partition import block_layout, partition_layout, unpartition_layout, valid_mask
 from vmoba.reference import reference_attention, token_mask
 
 pytestmark = pytest.mark.gpu
@@ -223,3 +223,20 @@ def test_flash_varlen_within_flash_attention_rule():
     L = GRID[0] * GRID[1] * GRID[2]
     qkv = [torch.randn(2, L, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     check_flash_attention_rule(flash_varlen_attention, *block_order(cfg, "3d", GRID, qkv, 1))
+
+
+@pytest.mark.parametrize(
+    "grid, kind, block", [((8, 16, 16), "3d", (4, 4, 8)), ((21, 30, 52), "3d", (3, 10, 4))]
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_partition_row_gather_matches_the_strided_copy(grid, kind, block, dtype):
+    """The CUDA row gather (exact: a copy) against the CPU permute, both directions, into a head slice too."""
+    layout = block_layout(grid, kind, block, pad_to=128)
+    x = torch.randn(2, layout.num_tokens, 6, 32, dtype=dtype)
+    blocks = partition_layout(x.cuda(), layout)
+    assert torch.equal(blocks.cpu(), partition_layout(x, layout))  # zeros at padded slots included
+    assert torch.equal(unpartition_layout(blocks, layout).cpu(), x)
+    out = torch.full((2, layout.num_tokens, 12, 32), 7.0, dtype=dtype, device="cuda")
+    unpartition_layout(blocks[:, :, :4], layout, out=out[:, :, 2:6])
+    assert torch.equal(out[:, :, 2:6].cpu(), x[:, :, :4])
+    assert bool((out[:, :, :2] == 7).all() and (out[:, :, 6:] == 7).all())  # other heads untouched

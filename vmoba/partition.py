@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import gather
 from .config import PARTITION_KINDS
 
 
@@ -82,6 +83,9 @@ def block_layout(grid, kind: str, block, pad_to: int = 1) -> BlockLayout:
 
 def partition_layout(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """[B, L, *rest] raster tokens -> [B, num_blocks * padded_volume, *rest] in block order (zero padding)."""
+    if gather.usable(x):
+        out = x.new_empty(x.shape[0], layout.length, *x.shape[2:])
+        return gather.gather_rows(x, _slot_sources(layout, x.device), out)
     (T, H, W), (ct, ch, cw), (nt, nh, nw) = layout.grid, layout.cube, layout.counts
     B, rest = x.shape[0], x.shape[2:]
     x = x.reshape(B, T, H, W, *rest)
@@ -104,6 +108,9 @@ def unpartition_layout(x: torch.Tensor, layout: BlockLayout, out: torch.Tensor |
     With `out` ([B, L, *rest], any strides with a uniform token stride, e.g. a head slice), writes there and
     returns it: one strided copy, no temporary, when the layout has no padding.
     """
+    if gather.usable(x) and (out is None or (out.dtype == x.dtype and gather.usable(out))):
+        out = x.new_empty(x.shape[0], layout.num_tokens, *x.shape[2:]) if out is None else out
+        return gather.gather_rows(x, _token_slots(layout, x.device), out)
     (T, H, W), (ct, ch, cw), (nt, nh, nw) = layout.grid, layout.cube, layout.counts
     B, rest = x.shape[0], x.shape[2:]
     tail = tuple(range(7, 7 + len(rest)))
@@ -149,3 +156,17 @@ def valid_mask(layout: BlockLayout, device: torch.device) -> torch.Tensor:
     """bool [C * V]: which block-order slots hold real tokens (cached per layout and device)."""
     ones = torch.ones(1, layout.num_tokens, dtype=torch.bool, device=device)
     return partition_layout(ones, layout)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_sources(layout: BlockLayout, device: torch.device) -> torch.Tensor:
+    """int32 [C * V]: the raster token each block-order slot holds, -1 at padding (`gather.gather_rows`)."""
+    tokens = torch.arange(1, layout.num_tokens + 1, dtype=torch.int32)[None]
+    return (partition_layout(tokens, layout)[0] - 1).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _token_slots(layout: BlockLayout, device: torch.device) -> torch.Tensor:
+    """int32 [L]: the block-order slot of each raster token (`gather.gather_rows`)."""
+    slots = torch.arange(layout.length, dtype=torch.int32)[None]
+    return unpartition_layout(slots, layout)[0].to(device)
