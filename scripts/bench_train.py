@@ -9,7 +9,7 @@ VMoBA (one row per config: the positional overrides, then each --variant) and fu
 tokens/s, peak GPU memory, mean VMoBA density, and the speed-up over full attention.
 
     python scripts/bench_train.py                                # 55,296 tokens (H100-class GPU)
-    python scripts/bench_train.py --grid 21x30x52                # 32,760 tokens
+    python scripts/bench_train.py --grid 21x30x52 --attention vmoba_wan2.1_480p   # 32,760 tokens
     python scripts/bench_train.py --variant 'attention.selection=threshold'   # one more VMoBA row
     python scripts/bench_train.py --arch tiny --grid 4x8x8       # CPU smoke run (gloo, fp32)
 """
