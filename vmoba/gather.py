@@ -3,7 +3,7 @@
 `partition_layout` / `unpartition_layout` move whole tokens: each token's trailing `[H, D]` values are one
 contiguous row, so a permutation is `dst[:, i] = src[:, index[i]]` (a zero row where `index[i] < 0`).
 PyTorch runs the permuted `copy_` as a generic strided copy at ~1 TB/s on an H100 (0.32 ms per
-[1, 55296, 12, 128] bf16 tensor); a row gather with 16-byte accesses runs near the copy bandwidth.
+[1, 55296, 12, 128] bf16 tensor); this row gather (16-byte accesses) takes 117 us there, 2.9 TB/s.
 """
 
 from __future__ import annotations
@@ -24,10 +24,21 @@ def rows_view(x: torch.Tensor) -> torch.Tensor | None:
     return x.as_strided((x.shape[0], x.shape[1], expected), (x.stride(0), x.stride(1), 1))
 
 
+@functools.cache
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def usable(x: torch.Tensor) -> bool:
-    """Whether `gather_rows` can copy x: a CUDA float tensor outside autograd with contiguous rows."""
+    """Whether `gather_rows` can copy x: a CUDA float tensor outside autograd with contiguous rows (and
+    Triton installed, as it is with PyTorch's CUDA wheels)."""
     return (
         x.is_cuda
+        and _has_triton()
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and not (x.requires_grad and torch.is_grad_enabled())
         and rows_view(x) is not None
