@@ -525,3 +525,18 @@ def test_rows_view_takes_token_rows_and_refuses_split_rows():
     assert torch.equal(rows, heads.reshape(2, 5, 6))
     assert rows_view(x[..., :2]) is None  # a row split inside the last dim is not one contiguous run
     assert rows_view(x.transpose(2, 3)) is None
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+def test_slot_indices_are_the_partition_and_its_inverse(kind):
+    # The row gather's indices: partitioning by them equals the strided partition, and they invert each other.
+    from vmoba.partition import block_layout, partition_layout, slot_sources, token_slots
+
+    layout = block_layout(GRID, kind, BLOCKS[kind], pad_to=8)  # padded grid and padded blocks
+    sources, slots = slot_sources(layout, torch.device("cpu")), token_slots(layout, torch.device("cpu"))
+    x = torch.randn(2, layout.num_tokens, 3)
+    gathered = torch.where((sources >= 0)[None, :, None], x[:, sources.clamp(min=0).long()], 0)
+    assert torch.equal(gathered, partition_layout(x, layout))
+    assert torch.equal(sources[slots.long()], torch.arange(layout.num_tokens, dtype=torch.int32))
+    assert torch.equal(valid_mask(layout, torch.device("cpu")), sources >= 0)
+    assert int((sources >= 0).sum()) == layout.num_tokens < layout.length

@@ -10,7 +10,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import fa4
 from .config import VMoBAConfig
 from .flash import flash_varlen_attention
-from .partition import BlockLayout, block_layout, partition_layout, unpartition_layout, valid_mask
+from .partition import (
+    BlockLayout,
+    block_layout,
+    partition_layout,
+    token_slots,
+    unpartition_layout,
+    valid_mask,
+)
 from .reference import reference_attention
 from .selection import gate_scores, select_from_scores
 from .tiles import TILE
@@ -271,9 +278,10 @@ def attention_recall(
     with torch.no_grad():
         qb, kb = (partition_layout(t, layout) for t in (q, k))
         sel = _select(qb, kb, layout, valid, config, config.partition_for_layer(layer_idx))
-        slot_of_token = unpartition_layout(torch.arange(layout.length, device=q.device)[None], layout)[0]
         picks = torch.randperm(layout.num_tokens, generator=generator)[:num_queries].to(q.device)
-        slots = slot_of_token[picks]  # [n] block-order positions of the sampled queries
+        slots = token_slots(layout, q.device)[
+            picks
+        ].long()  # [n] block-order positions of the sampled queries
         logits = torch.einsum("bnhd,bkhd->bhnk", qb[:, slots].float(), kb.float()) * q.shape[-1] ** -0.5
         probs = logits.masked_fill(~valid, -torch.inf).softmax(-1)  # [B, H, n, L]
         rows = slots if sel.shape[2] == layout.length else slots // layout.padded_volume

@@ -88,7 +88,7 @@ def partition_layout(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """[B, L, *rest] raster tokens -> [B, num_blocks * padded_volume, *rest] in block order (zero padding)."""
     if gather.usable(x):
         out = x.new_empty(x.shape[0], layout.length, *x.shape[2:])
-        return gather.gather_rows(x, _slot_sources(layout, x.device), out)
+        return gather.gather_rows(x, slot_sources(layout, x.device), out)
     (T, H, W), (ct, ch, cw), (nt, nh, nw) = layout.grid, layout.cube, layout.counts
     B, rest = x.shape[0], x.shape[2:]
     x = x.reshape(B, T, H, W, *rest)
@@ -108,19 +108,15 @@ def partition_layout(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
 def unpartition_layout(x: torch.Tensor, layout: BlockLayout, out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of `partition_layout`: [B, num_blocks * padded_volume, *rest] -> [B, L, *rest] raster order.
 
-    With `out` ([B, L, *rest], any strides with a uniform token stride, e.g. a head slice), writes there and
-    returns it: one strided copy, no temporary, when the layout has no padding.
+    With `out` ([B, L, *rest], e.g. a head slice of a larger tensor), writes there and returns it; on CUDA
+    that is the row gather itself, with no temporary.
     """
     if gather.usable(x) and (out is None or (out.dtype == x.dtype and gather.usable(out))):
         out = x.new_empty(x.shape[0], layout.num_tokens, *x.shape[2:]) if out is None else out
-        return gather.gather_rows(x, _token_slots(layout, x.device), out)
+        return gather.gather_rows(x, token_slots(layout, x.device), out)
     (T, H, W), (ct, ch, cw), (nt, nh, nw) = layout.grid, layout.cube, layout.counts
     B, rest = x.shape[0], x.shape[2:]
     tail = tuple(range(7, 7 + len(rest)))
-    if out is not None and layout.length == layout.num_tokens:
-        blocks = x.reshape(B, nt, nh, nw, ct, ch, cw, *rest).permute(0, 1, 4, 2, 5, 3, 6, *tail)
-        out.view(B, nt, ct, nh, ch, nw, cw, *rest).copy_(blocks)
-        return out
     x = x.reshape(B, layout.num_blocks, layout.padded_volume, *rest)[:, :, : layout.volume]
     x = x.reshape(B, nt, nh, nw, ct, ch, cw, *rest).permute(0, 1, 4, 2, 5, 3, 6, *tail)
     x = x.reshape(B, nt * ct, nh * ch, nw * cw, *rest)[:, :T, :H, :W].reshape(B, T * H * W, *rest)
@@ -154,22 +150,23 @@ def unpartition(x: torch.Tensor, grid, kind: str, block, pad_to: int = 1) -> tor
     return unpartition_layout(x, layout)
 
 
+# The permutation itself, cached per layout and device: the row gather's indices, and what `valid_mask`
+# and `attention_recall` derive from it. Built on the CPU (integer tensors take the strided copy).
 @functools.lru_cache(maxsize=64)
-def valid_mask(layout: BlockLayout, device: torch.device) -> torch.Tensor:
-    """bool [C * V]: which block-order slots hold real tokens (cached per layout and device)."""
-    ones = torch.ones(1, layout.num_tokens, dtype=torch.bool, device=device)
-    return partition_layout(ones, layout)[0]
-
-
-@functools.lru_cache(maxsize=64)
-def _slot_sources(layout: BlockLayout, device: torch.device) -> torch.Tensor:
-    """int32 [C * V]: the raster token each block-order slot holds, -1 at padding (`gather.gather_rows`)."""
+def slot_sources(layout: BlockLayout, device: torch.device) -> torch.Tensor:
+    """int32 [C * V]: the raster token each block-order slot holds, -1 at padding."""
     tokens = torch.arange(1, layout.num_tokens + 1, dtype=torch.int32)[None]
     return (partition_layout(tokens, layout)[0] - 1).to(device)
 
 
 @functools.lru_cache(maxsize=64)
-def _token_slots(layout: BlockLayout, device: torch.device) -> torch.Tensor:
-    """int32 [L]: the block-order slot of each raster token (`gather.gather_rows`)."""
+def token_slots(layout: BlockLayout, device: torch.device) -> torch.Tensor:
+    """int32 [L]: the block-order slot of each raster token."""
     slots = torch.arange(layout.length, dtype=torch.int32)[None]
     return unpartition_layout(slots, layout)[0].to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def valid_mask(layout: BlockLayout, device: torch.device) -> torch.Tensor:
+    """bool [C * V]: which block-order slots hold real tokens (cached per layout and device)."""
+    return slot_sources(layout, device) >= 0
