@@ -69,8 +69,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--backends",
         nargs="+",
-        choices=["flex", "fa4"],
-        default=["flex", "fa4"],
+        choices=["flex", "fa4", "keyed"],
+        default=["flex", "fa4", "keyed"],
         help="VMoBA kernels (fa4 rows report why where it cannot run)",
     )
     p.add_argument(
@@ -207,6 +207,8 @@ def vmoba_rows(args, grid, q, k, v):
     variants = [("fa4", groups) for groups in args.fa4_backward_groups] if "fa4" in args.backends else []
     if "flex" in args.backends:
         variants += [("flex", json.loads(o) if o else None) for o in args.kernel_options]
+    if "keyed" in args.backends:
+        variants.append(("keyed", None))
     tuned = vflex.KERNEL_OPTIONS
     for backend, options in variants:
         for granularity, selection, value in modes:

@@ -135,15 +135,19 @@ def test_fa4_with_a_text_prefix_matches_the_reference_with_gradients(backward_gr
         torch.testing.assert_close(a.float(), b, rtol=0, atol=3e-2, msg=name)
 
 
-def test_auto_takes_fa4_on_hopper_and_blackwell():
+def test_auto_takes_fa4_for_blocks_and_keyed_for_tokens_on_hopper_and_blackwell():
+    from vmoba.attention import _resolve_backend
+
     fa4_or_skip()
+    keyed_or_skip()
     torch.manual_seed(6)
     L = FA4_GRID[0] * FA4_GRID[1] * FA4_GRID[2]
     q, k, v = (torch.randn(1, L, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    for granularity in ("block", "token"):
-        cfg = config("3d", granularity, selection="topk", topk_3d=4)
-        auto, explicit = (vmoba_attention(q, k, v, FA4_GRID, cfg, backend=b) for b in ("auto", "fa4"))
-        torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
+    assert _resolve_backend("auto", q, "token") == "keyed"
+    assert _resolve_backend("auto", q.float(), "token") == "flex"  # fp32: neither keyed nor fa4
+    cfg = config("3d", "block", selection="topk", topk_3d=4)
+    auto, explicit = (vmoba_attention(q, k, v, FA4_GRID, cfg, backend=b) for b in ("auto", "fa4"))
+    torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
 
 
 def test_flex_path_has_no_host_sync_and_no_recompile():
@@ -240,3 +244,72 @@ def test_partition_row_gather_matches_the_strided_copy(grid, kind, block, dtype)
     unpartition_layout(blocks[:, :, :4], layout, out=out[:, :, 2:6])
     assert torch.equal(out[:, :, 2:6].cpu(), x[:, :, :4])
     assert bool((out[:, :, :2] == 7).all() and (out[:, :, 6:] == 7).all())  # other heads untouched
+
+
+def keyed_or_skip():
+    from vmoba import keyed
+
+    reason = keyed.unsupported(torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16))
+    if reason:
+        pytest.skip(reason)
+    return keyed
+
+
+@pytest.mark.parametrize(
+    "kind, granularity, D, selection, grid",
+    [
+        ("3d", "token", 128, "threshold", GRID),  # padded blocks: invalid keys and never-picked queries
+        ("1d", "token", 64, "topk", FA4_GRID),  # 512-slot blocks: four key tiles share one column
+        ("2d", "token", 64, "topk", GRID),
+        ("3d", "block", 64, "threshold", GRID),  # block granularity runs as its per-token rows
+    ],
+)
+def test_keyed_within_flash_attention_rule(kind, granularity, D, selection, grid):
+    keyed = keyed_or_skip()
+    torch.manual_seed(8)
+    cfg = config(kind, granularity, selection=selection, topk_1d=2, topk_2d=3, topk_3d=4)
+    L = grid[0] * grid[1] * grid[2]
+    qkv = [torch.randn(2, L, 3, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    check_flash_attention_rule(keyed.keyed_attention, *block_order(cfg, kind, grid, qkv, keyed.BLOCK_N))
+
+
+def test_keyed_with_a_text_prefix_matches_the_reference_without_host_syncs():
+    # The prefix's rows select every block and every row selects its blocks: full columns in the scan.
+    keyed_or_skip()
+    torch.manual_seed(9)
+    cfg = config("3d", "token", selection="topk", topk_3d=4)
+    L, S = GRID[0] * GRID[1] * GRID[2], 37
+    q, k, v = (torch.randn(2, S + L, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    grad_out = torch.randn_like(q)
+    fwd_bwd(lambda *t: vmoba_attention(*t, GRID, cfg, backend="keyed", num_prefix=S), (q, k, v), grad_out)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = fwd_bwd(
+            lambda *t: vmoba_attention(*t, GRID, cfg, backend="auto", num_prefix=S), (q, k, v), grad_out
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = fwd_bwd(
+        lambda *t: vmoba_attention(*t, GRID, cfg, backend="reference", num_prefix=S),
+        [t.float() for t in (q, k, v)],
+        grad_out,
+    )
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a.float(), b, rtol=0, atol=3e-2, msg=name)
+
+
+@pytest.mark.parametrize("R, C, V, topk", [(4096, 432, 128, 108), (1536, 24, 64, 7), (300, 5, 60, 9)])
+def test_fused_topk_picks_exactly_what_the_sort_picks(R, C, V, topk):
+    from vmoba import selection
+
+    torch.manual_seed(10)
+    scores = torch.randn(2, 3, R, C, device="cuda")
+    scores[0, 0] = (scores[0, 0] * 2).round() / 2  # many ties, and -0.0 next to 0.0
+    scores[1, 2, : R // 3] = 0.25  # whole rows of ties
+    row_valid = torch.rand(R, device="cuda") > 0.1
+    args = dict(selection="topk", scope="query", threshold=0.25, topk=topk)
+    fused = selection.select_from_scores(scores, row_valid, V, **args)
+    assert selection._fused_topk_usable(scores)
+    sort = selection.select_from_scores(scores.cpu(), row_valid.cpu(), V, **args)  # the CPU takes the sort
+    assert torch.equal(fused.cpu(), sort)

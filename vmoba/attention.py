@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import fa4
+from . import fa4, keyed
 from .config import VMoBAConfig
 from .flash import flash_varlen_attention
 from .partition import (
@@ -22,19 +22,22 @@ from .reference import reference_attention
 from .selection import gate_scores, select_from_scores
 from .tiles import TILE
 
-BACKENDS = ("auto", "reference", "flex", "fa4", "flash_varlen")
-TILED = ("flex", "fa4")  # backends that need blocks padded to whole kernel tiles
+BACKENDS = ("auto", "reference", "flex", "fa4", "keyed", "flash_varlen")
+TILED = ("flex", "fa4", "keyed")  # backends that need blocks padded to whole kernel tiles
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """The backend that runs this call: `auto` takes fa4 where it runs, else flex, on CUDA (fa4 is the
-    faster at both granularities: docs/benchmarks.md, note 10), and reference on CPU."""
+def _resolve_backend(backend: str, q: torch.Tensor, granularity: str) -> str:
+    """The backend that runs this call. `auto` on CUDA: keyed for token granularity, fa4 for block
+    granularity (the fastest at each: docs/benchmarks.md, notes 10 and 16), flex where those cannot run;
+    reference on CPU."""
     if backend == "auto":
         # On CPU FlexAttention has no backward and compiles ~18 s per shape, which outweighs its
         # forward gain at the sizes a CPU handles (docs/benchmarks.md, "CPU: what auto picks").
         if not q.is_cuda:
             return "reference"
+        if granularity == "token" and not keyed.unsupported(q):
+            return "keyed"
         return "flex" if fa4.unsupported(q) else "fa4"
     if backend == "fa4":
         reason = fa4.unsupported(q)
@@ -42,6 +45,8 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
             raise ImportError(reason)
         if reason:
             raise ValueError(reason)
+    if backend == "keyed" and keyed.unsupported(q):
+        raise ValueError(keyed.unsupported(q))
     return backend
 
 
@@ -150,8 +155,8 @@ def vmoba_attention(
             text of a joint-attention model), then L video tokens in raster order of `grid`.
         grid: (T, H, W) of the patchified latent, L == T*H*W.
         config: VMoBAConfig; layer_idx: picks the partition (1d/2d/3d cycle) and the dense first layers.
-        backend: "auto" (CUDA: fa4 where `fa4.unsupported` is None, else flex; CPU: reference) |
-            "reference" | "flex" | "fa4" | "flash_varlen".
+        backend: "auto" (CUDA: keyed for token granularity, fa4 for block granularity, where they run,
+            else flex; CPU: reference) | "reference" | "flex" | "fa4" | "keyed" | "flash_varlen".
         step: denoising step index (None in training); dense while step < config.dense_first_steps.
         stats: optional dict, filled with detached per-head tensors: "density" [H] (1 in dense layers) and,
             in sparse layers, "blocks" [H] (see `selection_stats`; video tokens only).
@@ -171,7 +176,7 @@ def vmoba_attention(
             stats["density"] = torch.ones(q.shape[2], device=q.device)
         return dense_attention(q, k, v)
     kind = config.partition_for_layer(layer_idx)
-    backend = _resolve_backend(backend, q)
+    backend = _resolve_backend(backend, q, config.granularity)
     layout = _layout(config, grid, layer_idx, TILE if backend in TILED else 1)
     valid = valid_mask(layout, q.device)
     order = BlockOrder(layout, num_prefix)
@@ -191,7 +196,11 @@ def vmoba_attention(
     if backend == "flex":
         kernel = _flex().flex_block_attention
     else:
-        kernel = {"reference": reference_attention, "flash_varlen": flash_varlen_attention}[backend]
+        kernel = {
+            "reference": reference_attention,
+            "keyed": keyed.keyed_attention,
+            "flash_varlen": flash_varlen_attention,
+        }[backend]
     return order.from_blocks(kernel(qb, kb, vb, sel, layout.padded_volume, valid))
 
 

@@ -1,0 +1,104 @@
+"""Triton kernels of the `keyed` backend (see `vmoba.keyed`); imported on first use, as Triton is."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile(
+    Q, K, Vv, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, row_ok, k, v, key_ok, dk, dv,
+    stride_l, scale_log2, sm_scale, PASS: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    """One gathered tile of queries `rows` [BLOCK_M] against the program's keys; returns (dk, dv)."""
+    offs_d = tl.arange(0, D)
+    row_ptrs = base + rows.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
+    q = tl.load(Q + row_ptrs, mask=row_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * scale_log2  # fp32 [BLOCK_M, BLOCK_N], log2 units
+    if PASS == 0:  # the row max over this tile's valid keys
+        m = tl.max(tl.where(key_ok[None, :], s, -float("inf")), 1)
+        tl.atomic_max(Stat + stat_base + rows, m, mask=row_ok, sem="relaxed")
+    elif PASS == 1:  # exp(s - m) @ v and the row sums, offset by the row max of pass 1
+        m = tl.load(Stat + stat_base + rows, mask=row_ok, other=0.0)
+        p = tl.where(key_ok[None, :], tl.math.exp2(s - m[:, None]), 0.0)
+        tl.atomic_add(Stat2 + stat_base + rows, tl.sum(p, 1), mask=row_ok, sem="relaxed")
+        o = tl.dot(p.to(v.dtype), v)
+        tl.atomic_add(Acc + row_ptrs, o, mask=row_ok[:, None], sem="relaxed")
+    else:  # backward: Stat = lse (log2 units), Stat2 = delta = rowsum(dO * O)
+        lse = tl.load(Stat + stat_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(Stat2 + stat_base + rows, mask=row_ok, other=0.0)
+        do = tl.load(DO + row_ptrs, mask=row_ok[:, None], other=0.0)
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(key_ok[None, :] & row_ok[:, None], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dq = tl.dot(ds.to(k.dtype), k) * sm_scale
+        tl.atomic_add(DQ + row_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def keyed(
+    Q, K, Vv, DO, Acc, Stat, Stat2, DQ, DK, DV, Sel, Valid, Ring,
+    L, C, H, stride_b, stride_l, tiles_per_block, scale_log2, sm_scale,
+    PASS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCAN: tl.constexpr, RING: tl.constexpr,
+):  # fmt: skip
+    """Program (key tile, b * H + h): PASS 0 / 1 forward passes, 2 backward (module docstring)."""
+    key_tile, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    base = b.to(tl.int64) * stride_b + h * D
+    stat_base = bh.to(tl.int64) * L
+    offs_n = key_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    key_ptrs = base + offs_n.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
+    k = tl.load(K + key_ptrs)
+    v = tl.load(Vv + key_ptrs)
+    key_ok = tl.load(Valid + offs_n) != 0
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    column = Sel + (bh.to(tl.int64) * C + key_tile // tiles_per_block) * L
+    ring = Ring + (bh.to(tl.int64) * tl.num_programs(0) + key_tile) * RING
+    lanes = tl.arange(0, BLOCK_M)
+    head = 0  # rows popped / appended so far
+    tail = 0
+    for start in range(0, L, SCAN):
+        offs = start + tl.arange(0, SCAN)
+        picked = tl.load(column + offs, mask=offs < L, other=0).to(tl.int32)
+        at = tail + tl.cumsum(picked, 0) - picked
+        tl.debug_barrier()  # the slots written now may have been read by the last tile
+        tl.store(ring + (at & (RING - 1)), offs, mask=picked != 0)
+        tail += tl.sum(picked, 0)
+        tl.debug_barrier()  # the appended rows are visible to the whole program
+        while tail - head >= BLOCK_M:
+            rows = tl.load(ring + ((head + lanes) & (RING - 1)), cache_modifier=".cg")
+            dk, dv = tile(
+                Q, K, Vv, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, lanes >= 0, k, v, key_ok,
+                dk, dv, stride_l, scale_log2, sm_scale, PASS, D,
+            )  # fmt: skip
+            head += BLOCK_M
+    if tail > head:  # the last, partial tile
+        row_ok = lanes < tail - head
+        rows = tl.load(ring + ((head + lanes) & (RING - 1)), mask=row_ok, other=0, cache_modifier=".cg")
+        dk, dv = tile(
+            Q, K, Vv, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, row_ok, k, v, key_ok,
+            dk, dv, stride_l, scale_log2, sm_scale, PASS, D,
+        )  # fmt: skip
+    if PASS == 2:
+        tl.store(DK + key_ptrs, (dk * sm_scale).to(k.dtype))
+        tl.store(DV + key_ptrs, dv.to(v.dtype))
+
+
+@triton.jit
+def columns(Sel, Valid, Out, L, C, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sel int8 [B*H, L, C] (a token selection) -> Out int8 [B*H, C, L]: each key block's column of query
+    rows, what `keyed` scans, with padded queries (Valid == 0) never picked. A tiled transpose: PyTorch's
+    copy moves bytes one at a time (~3 ms at 55K tokens)."""
+    rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    bh = tl.program_id(2).to(tl.int64)
+    inside = (rows[:, None] < L) & (cols[None, :] < C)
+    valid = tl.load(Valid + rows, mask=rows < L, other=0)
+    picked = tl.load(Sel + (bh * L + rows[:, None]) * C + cols[None, :], mask=inside, other=0)
+    picked = tl.trans(picked * valid[:, None])
+    tl.store(Out + (bh * C + cols[:, None]) * L + rows[None, :], picked, mask=tl.trans(inside))

@@ -1,0 +1,136 @@
+"""The `keyed` backend: token granularity as key-centric Triton kernels (forward and backward).
+
+At token granularity every query picks its own key blocks, so the 128 queries of a query tile together
+touch almost every key block (98.6% at 25%, docs/benchmarks.md note 9) and a query-tiled kernel does dense
+work under a mask. These kernels turn the loop around, as MoBA's varlen scheme does: one program per
+(key tile of `BLOCK_N` slots, batch, head) gathers the queries that chose its block into dense tiles of
+`BLOCK_M` rows, so only selected (query, key) pairs are computed.
+
+A program cannot finish a query's softmax alone (the query's other blocks are other programs'), so:
+
+- forward pass 1: each query's exact max logit over its selected keys (`atomic_max`);
+- forward pass 2: with that max as the offset, each program adds `exp(s - m) @ v` and the row sums
+  to fp32 accumulators (`atomic_add`); out = acc / sum, lse = m + log(sum). The offset only keeps exp in
+  range, so the result is exact softmax attention whatever the order of the additions;
+- backward: FlashAttention-2's key-centric loop over the gathered tiles, dk and dv in registers, dq by
+  `atomic_add`.
+
+Queries are gathered without host syncs or index lists: each program scans its block's column of the
+selection `[B, H, C, L]` in L order and appends the selected rows to a small ring buffer (positions by
+cumsum), popping a tile whenever `BLOCK_M` rows are waiting. Programs scan L in step, so the accumulator
+rows their atomics hit are shared and stay in L2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK_N = 128  # the partition pads blocks to a multiple of it
+SCAN = 1024  # selection entries read per scan step
+# (gathered queries per tile, keys per program, num_warps) of forward pass 1, pass 2 and the backward.
+TILES = ((64, 128, 4), (64, 128, 4), (32, 128, 8))
+_DTYPES = (torch.bfloat16, torch.float16)
+_LOG2E = 1.4426950408889634
+
+
+def unsupported(q: torch.Tensor) -> str | None:
+    """Why `keyed` cannot run on q [B, L, H, D] (None when it can)."""
+    if q.dtype not in _DTYPES:
+        return f"keyed needs fp16 or bf16 q, k, v, got {q.dtype}"
+    D = q.shape[-1]
+    if D < 16 or D > 256 or D & (D - 1):
+        return f"keyed needs a power-of-two head dim in [16, 256], got {D}"
+    if not q.is_cuda:
+        return "keyed runs on CUDA GPUs only"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "keyed needs Triton (it ships with PyTorch's CUDA wheels)"
+    return None
+
+
+def _kernel():
+    from ._keyed_kernels import keyed
+
+    return keyed
+
+
+def _columns(sel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """bool [B, H, L, C] token selection, bool [L] -> uint8 [B, H, C, L]: each key block's column of
+    query rows, padded queries never picked."""
+    from ._keyed_kernels import columns
+
+    B, H, L, C = sel.shape
+    out = torch.empty(B, H, C, L, dtype=torch.uint8, device=sel.device)
+    grid = (-(-L // 64), -(-C // 64), B * H)
+    columns[grid](
+        sel.contiguous().view(torch.uint8), valid.view(torch.uint8), out, L, C, BLOCK_L=64, BLOCK_C=64
+    )
+    return out
+
+
+def _launch(PASS, q, k, v, do, acc, stat, stat2, dq, dk, dv, columns, valid):
+    B, L, H, D = q.shape
+    C = columns.shape[2]
+    block_m, block_n, warps = TILES[PASS]
+    tiles = L // block_n
+    ring_size = 1 << math.ceil(math.log2(SCAN + block_m))
+    ring = torch.empty(B * H * tiles * ring_size, dtype=torch.int32, device=q.device)
+    _kernel()[(tiles, B * H)](
+        q, k, v, do, acc, stat, stat2, dq, dk, dv, columns, valid, ring,
+        L, C, H, q.stride(0), q.stride(1), tiles // C, D**-0.5 * _LOG2E, D**-0.5,
+        PASS=PASS, D=D, BLOCK_M=block_m, BLOCK_N=block_n, SCAN=SCAN, RING=ring_size, num_warps=warps,
+    )  # fmt: skip
+
+
+class _Keyed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, columns, valid):
+        B, L, H, D = q.shape
+        row_max = torch.full((B, H, L), -torch.inf, dtype=torch.float32, device=q.device)
+        row_sum = torch.zeros_like(row_max)
+        acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        for PASS in (0, 1):
+            _launch(PASS, q, k, v, q, acc, row_max, row_sum, acc, k, v, columns, valid)
+        # Rows that selected nothing (padding) have sum 0: output 0, lse -inf (log2 units).
+        out = (acc / row_sum.clamp(min=1e-30).transpose(1, 2)[..., None]).to(q.dtype)
+        lse = row_max + torch.log2(row_sum)
+        ctx.save_for_backward(q, k, v, out, lse, columns, valid)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, columns, valid = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, L]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        _launch(2, q, k, v, grad_out, dq, lse, delta, dq, dk, dv, columns, valid)
+        return dq.to(q.dtype), dk, dv, None, None
+
+
+def keyed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sel: torch.Tensor,
+    block_slots: int,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """Token- or block-granularity sparse attention through the key-centric Triton kernels.
+
+    Args:
+        q, k, v: [B, L, H, D] fp16/bf16 in block order (`unsupported(q)` is None), L = C * block_slots,
+            block_slots a multiple of `BLOCK_N`.
+        sel: bool [B, H, R, C], R = L (token granularity) or C (block granularity); valid: bool [L].
+    Returns:
+        [B, L, H, D] in q's dtype (zeros at padded query slots); differentiable w.r.t. q, k and v.
+    """
+    B, L, H, D = q.shape
+    if block_slots % BLOCK_N or L % block_slots:
+        raise ValueError(f"keyed needs blocks of a multiple of {BLOCK_N} slots, got {block_slots}")
+    rows = sel if sel.shape[2] == L else sel.repeat_interleave(block_slots, dim=2)
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return _Keyed.apply(q, k, v, _columns(rows, valid), valid.view(torch.uint8))
