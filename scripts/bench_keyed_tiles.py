@@ -1,0 +1,117 @@
+"""Time each pass of the `keyed` token-granularity kernels for several tile shapes (a tuning tool).
+
+For one grid and top-k density: dense cuDNN forward+backward as the baseline, the gate, then forward
+pass 1 (row max), pass 2 (exp @ v with atomics) and the backward alone for each (gathered queries, keys per
+program, warps) in `--tiles`, and forward+backward of the best combination against cuDNN, in one process.
+The defaults live in `vmoba.keyed.TILES` (docs/benchmarks.md, note 16).
+
+    python scripts/bench_keyed_tiles.py --grid 24x36x64 --density 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vmoba import VMoBAConfig, keyed  # noqa: E402
+from vmoba.attention import _layout, _select, dense_attention  # noqa: E402
+from vmoba.partition import partition_layout, valid_mask  # noqa: E402
+
+TILES = ["64,128,4", "128,128,8", "128,128,4", "32,128,8", "64,64,4", "64,128,8"]
+
+
+def timed(fn, warmup=2, iters=5) -> float:
+    """Median milliseconds of `fn()` by CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", default="24x36x64")
+    p.add_argument("--density", type=float, default=0.25, help="per-token top-k density")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--tiles", nargs="+", default=TILES, help="BLOCK_M,BLOCK_N,num_warps per variant")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_keyed_tiles.py needs a CUDA GPU")
+    grid = tuple(int(x) for x in args.grid.split("x"))
+    L, H, D = grid[0] * grid[1] * grid[2], args.heads, args.head_dim
+    torch.manual_seed(0)
+    q, k, v, grad = (torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+
+    def dense():
+        x = [t.detach().requires_grad_() for t in (q, k, v)]
+        dense_attention(*x).backward(grad)
+
+    cudnn = timed(dense)
+    blocks = -(-grid[0] // 4) * -(-grid[1] // 4) * -(-grid[2] // 8)
+    cfg = VMoBAConfig(
+        partitions=["3d"], granularity="token", selection="topk", topk_3d=max(1, round(args.density * blocks))
+    )
+    layout = _layout(cfg, grid, 0, keyed.BLOCK_N)
+    valid = valid_mask(layout, q.device)
+    qb, kb, vb = (partition_layout(t, layout) for t in (q, k, v))
+    with torch.no_grad():
+        sel = _select(qb, kb, layout, valid, cfg, "3d")
+        gate = timed(lambda: _select(qb, kb, layout, valid, cfg, "3d"))
+    columns, valid8 = keyed._columns(sel, valid), valid.view(torch.uint8)
+    stat = torch.full((1, H, L), -torch.inf, device="cuda")
+    stat2, acc = torch.zeros_like(stat), torch.zeros(qb.shape, device="cuda")
+    lse, delta = torch.rand_like(stat) + 5, torch.randn_like(stat)
+    dk, dv = torch.empty_like(kb), torch.empty_like(vb)
+    passes = {
+        0: lambda: keyed._launch(0, qb, kb, vb, qb, acc, stat, stat2, acc, kb, vb, columns, valid8),
+        1: lambda: keyed._launch(1, qb, kb, vb, qb, acc, stat, stat2, acc, kb, vb, columns, valid8),
+        2: lambda: keyed._launch(2, qb, kb, vb, grad, acc, lse, delta, acc, dk, dv, columns, valid8),
+    }
+    print(
+        f"L = {L}, density {sel.float().mean().item():.3f}: cuDNN fwd+bwd {cudnn:.2f} ms, gate {gate:.2f} ms"
+    )
+    print(
+        "| tile (queries, keys, warps) | fwd pass 1 ms | fwd pass 2 ms | bwd ms |\n| --- | --- | --- | --- |"
+    )
+    defaults, best = keyed.TILES, {}
+    for spec in args.tiles:
+        tile = tuple(int(x) for x in spec.split(","))
+        row = []
+        for n, run in passes.items():
+            keyed.TILES = tuple(tile if i == n else defaults[i] for i in range(3))
+            try:
+                ms = timed(run)
+                best[n] = min(best.get(n, (ms, tile)), (ms, tile))
+                row.append(f"{ms:.2f}")
+            except Exception as err:  # e.g. out of shared memory for this tile
+                row.append(f"failed ({type(err).__name__})")
+        print(f"| {spec} | " + " | ".join(row) + " |", flush=True)
+    keyed.TILES = tuple(best.get(n, (0, defaults[n]))[1] for n in range(3))
+
+    def fwd_bwd():
+        x = [t.detach().requires_grad_() for t in (qb, kb, vb)]
+        keyed.keyed_attention(*x, sel, layout.padded_volume, valid).backward(grad)
+
+    ms = timed(fwd_bwd)
+    print(
+        f"best {keyed.TILES}: fwd+bwd {ms:.2f} ms = {cudnn / ms:.2f}x cuDNN, "
+        f"with the gate {cudnn / (ms + gate):.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
