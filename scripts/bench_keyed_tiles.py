@@ -18,27 +18,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_attention import timed as timed_ms  # noqa: E402  (this script's folder is on sys.path)
+
 from vmoba import VMoBAConfig, keyed  # noqa: E402
 from vmoba.attention import _layout, _select, dense_attention  # noqa: E402
 from vmoba.partition import partition_layout, valid_mask  # noqa: E402
 
+
+def timed(fn) -> float:
+    return timed_ms(fn, warmup=2, iters=5)
+
+
 TILES = ["64,128,4", "128,128,8", "128,128,4", "32,128,8", "64,64,4", "64,128,8"]
-
-
-def timed(fn, warmup=2, iters=5) -> float:
-    """Median milliseconds of `fn()` by CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None):

@@ -80,13 +80,17 @@ def test_flex_within_flash_attention_rule(kind, granularity, D, selection):
 FA4_GRID = (16, 8, 16)  # whole 4x4x8 and 4-frame blocks: no padding, no mask in the kernel
 
 
-def fa4_or_skip():
-    from vmoba import fa4
-
-    reason = fa4.unsupported(torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16))
+def backend_or_skip(name):
+    """vmoba.<name> (fa4 | keyed), or a skip saying why it cannot run here."""
+    module = getattr(__import__("vmoba." + name), name)
+    reason = module.unsupported(torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16))
     if reason:
         pytest.skip(reason)
-    return fa4
+    return module
+
+
+def fa4_or_skip():
+    return backend_or_skip("fa4")
 
 
 @pytest.mark.parametrize(
@@ -247,12 +251,7 @@ def test_partition_row_gather_matches_the_strided_copy(grid, kind, block, dtype)
 
 
 def keyed_or_skip():
-    from vmoba import keyed
-
-    reason = keyed.unsupported(torch.empty(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16))
-    if reason:
-        pytest.skip(reason)
-    return keyed
+    return backend_or_skip("keyed")
 
 
 @pytest.mark.parametrize(
