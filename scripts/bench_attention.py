@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--token-densities", type=float, nargs="*", default=[0.25], help="densities for token granularity"
     )
+    p.add_argument(
+        "--token-thresholds", type=float, nargs="*", default=[], help="threshold-mode taus, token granularity"
+    )
     p.add_argument("--dense", nargs="*", choices=list(DENSE), default=list(DENSE), help="dense SDPA backends")
     p.add_argument(
         "--backends",
@@ -204,6 +207,7 @@ def vmoba_rows(args, grid, q, k, v):
     modes = [("block", "topk", d) for d in args.densities if "block" in args.granularities]
     modes += [("block", "threshold", t) for t in args.threshold if "block" in args.granularities]
     modes += [("token", "topk", d) for d in args.token_densities if "token" in args.granularities]
+    modes += [("token", "threshold", t) for t in args.token_thresholds if "token" in args.granularities]
     variants = [("fa4", groups) for groups in args.fa4_backward_groups] if "fa4" in args.backends else []
     if "flex" in args.backends:
         variants += [("flex", json.loads(o) if o else None) for o in args.kernel_options]

@@ -1,7 +1,7 @@
 """vmoba's Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1).
 
 The interpreter runs the kernels' own code (the keyed backend's scan, ring buffer, atomics and masks;
-the fused top-k's bitwise search) as NumPy, so the algorithms are checked without a GPU;
+the fused selection's bitwise searches) as NumPy, so the algorithms are checked without a GPU;
 tests/test_vmoba_gpu.py checks the compiled kernels. Each check runs in a subprocess: Triton reads
 TRITON_INTERPRET when a kernel is first defined.
 """
@@ -40,24 +40,43 @@ KEYED = """
     assert max(errors) < 4e-3, errors
 """
 
-TOPK = """
+SELECT = """
     import torch
     from vmoba import selection
 
     torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
-    for B, H, R, C, V, k in [(2, 3, 40, 10, 4, 4), (1, 2, 64, 16, 4, 1), (1, 1, 30, 5, 6, 9)]:
+    for B, H, R, C, V, k, tau in [(2, 3, 40, 10, 4, 4, 0.25), (1, 2, 64, 16, 4, 1, 0.6), (1, 1, 30, 5, 6, 9, 1.0)]:
         scores = torch.randn(B, H, R, C)
-        scores[0, 0] = (scores[0, 0] * 2).round() / 2  # many ties, and -0.0 next to 0.0
-        scores[-1, -1, : R // 2] = 0.5  # whole rows of ties
+        ties = scores.clone()
+        ties[0, 0] = (ties[0, 0] * 2).round() / 2  # many ties, and -0.0 next to 0.0
+        ties[-1, -1, : R // 2] = 0.5  # whole rows of ties
         row_valid = torch.rand(R) > 0.2
-        args = dict(selection="topk", scope="query", threshold=0.25, topk=k)
-        sort = selection.select_from_scores(scores, row_valid, V, **args)
-        fused = selection._fused_topk(scores, row_valid, V, min(k, C) - 1)
-        assert torch.equal(fused, sort), (B, H, R, C, k, (fused != sort).sum())
+        args = dict(scope="query", threshold=tau, topk=k)
+        # Top-k: exactly the sort's picks, ties included.
+        sort = selection.select_from_scores(ties, row_valid, V, selection="topk", **args)
+        fused = selection._fused_select(ties, row_valid, V, "topk", tau, min(k, C) - 1)
+        assert torch.equal(fused, sort), ("topk", B, H, R, C, k, (fused != sort).sum())
+        # Threshold: the sort's picks up to a block at a cut within rounding of `need` (continuous scores
+        # make that rare), and exactly on whole rows of ties.
+        sort = selection.select_from_scores(scores, row_valid, V, selection="threshold", **args)
+        fused = selection._fused_select(scores, row_valid, V, "threshold", tau, 0)
+        differ = (fused != sort).sum(-1)
+        assert differ.max() <= 1 and (differ > 0).sum() <= 1, ("threshold", B, H, R, C, tau, differ.sum())
+        flat = ties[-1:, -1:, : R // 2]
+        sort = selection.select_from_scores(flat, row_valid[: R // 2], V, selection="threshold", **args)
+        assert torch.equal(selection._fused_select(flat, row_valid[: R // 2], V, "threshold", tau, 0), sort)
+    # A tie group across the cut: need = 0.5 - 0.1 / 4.1; 1.0 and the first two 0.7s reach it.
+    row = torch.tensor([[[[0.1, 1.0, 0.7, 0.7, 0.7, 0.7, 0.0, 0.2]]]])
+    args = dict(selection="threshold", scope="query", threshold=0.5, topk=1)
+    want = torch.tensor([[[[True, True, True, True, False, False, False, False]]]])
+    assert torch.equal(selection.select_from_scores(row, torch.ones(1, dtype=torch.bool), 8, **args), want)
+    assert torch.equal(selection._fused_select(row, torch.ones(1, dtype=torch.bool), 8, "threshold", 0.5, 0), want)
 """
 
 
-@pytest.mark.parametrize("script", [KEYED, TOPK], ids=["keyed_attention_vs_fp64", "fused_topk_vs_sort"])
+@pytest.mark.parametrize(
+    "script", [KEYED, SELECT], ids=["keyed_attention_vs_fp64", "fused_selection_vs_sort"]
+)
 def test_triton_kernel_in_the_interpreter(script):
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -299,16 +299,25 @@ def test_keyed_with_a_text_prefix_matches_the_reference_without_host_syncs():
 
 
 @pytest.mark.parametrize("R, C, V, topk", [(4096, 432, 128, 108), (1536, 24, 64, 7), (300, 5, 60, 9)])
-def test_fused_topk_picks_exactly_what_the_sort_picks(R, C, V, topk):
+def test_fused_selection_picks_what_the_sort_picks(R, C, V, topk):
     from vmoba import selection
 
     torch.manual_seed(10)
     scores = torch.randn(2, 3, R, C, device="cuda")
-    scores[0, 0] = (scores[0, 0] * 2).round() / 2  # many ties, and -0.0 next to 0.0
-    scores[1, 2, : R // 3] = 0.25  # whole rows of ties
+    ties = scores.clone()
+    ties[0, 0] = (ties[0, 0] * 2).round() / 2  # many ties, and -0.0 next to 0.0
+    ties[1, 2, : R // 3] = 0.25  # whole rows of ties
     row_valid = torch.rand(R, device="cuda") > 0.1
-    args = dict(selection="topk", scope="query", threshold=0.25, topk=topk)
-    fused = selection.select_from_scores(scores, row_valid, V, **args)
-    assert selection._fused_topk_usable(scores)
-    sort = selection.select_from_scores(scores.cpu(), row_valid.cpu(), V, **args)  # the CPU takes the sort
+    assert selection._fused_usable(scores)
+    args = dict(scope="query", threshold=0.25, topk=topk)
+    # Top-k: exactly; the CPU takes the sort.
+    fused = selection.select_from_scores(ties, row_valid, V, selection="topk", **args)
+    sort = selection.select_from_scores(ties.cpu(), row_valid.cpu(), V, selection="topk", **args)
     assert torch.equal(fused.cpu(), sort)
+    # Threshold: up to one block in a row whose cut is within rounding of `need` (rare on continuous scores).
+    for tau in (0.25, 0.6):
+        args["threshold"] = tau
+        fused = selection.select_from_scores(scores, row_valid, V, selection="threshold", **args)
+        sort = selection.select_from_scores(scores.cpu(), row_valid.cpu(), V, selection="threshold", **args)
+        differ = (fused.cpu() != sort).sum(-1)
+        assert differ.max() <= 1 and (differ > 0).sum() <= max(1, differ.numel() // 10_000), differ.sum()

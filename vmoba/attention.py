@@ -24,6 +24,7 @@ from .tiles import TILE
 
 BACKENDS = ("auto", "reference", "flex", "fa4", "keyed", "flash_varlen")
 TILED = ("flex", "fa4", "keyed")  # backends that need blocks padded to whole kernel tiles
+OWN_ORDER = ("fa4", "keyed")  # backends that take raster q, k, v and the block order (`BlockOrder`)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
@@ -180,9 +181,9 @@ def vmoba_attention(
     layout = _layout(config, grid, layer_idx, TILE if backend in TILED else 1)
     valid = valid_mask(layout, q.device)
     order = BlockOrder(layout, num_prefix)
-    # fa4 differentiates through raster q, k, v itself (it re-partitions them per head group in backward,
-    # so nothing block-ordered is saved); the other kernels get block-order tensors with autograd.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and backend != "fa4"):
+    # fa4 and keyed differentiate through raster q, k, v themselves, taking the block order outside
+    # autograd (the row gather on CUDA); the other kernels get block-order tensors with autograd.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and backend not in OWN_ORDER):
         qb, kb, vb = (order.to_blocks(t) for t in (q, k, v))
     with torch.no_grad():  # the gate is discrete: no gradient flows through it
         sel = _select(qb[:, order.head :], kb[:, order.head :], layout, valid, config, kind)
@@ -193,14 +194,12 @@ def vmoba_attention(
     if backend == "fa4":
         blocks = (qb, kb, vb)
         return fa4.fa4_block_attention(q, k, v, sel, layout.padded_volume, valid, order.padded, order, blocks)
+    if backend == "keyed":
+        return keyed.keyed_attention(q, k, v, sel, layout.padded_volume, valid, order, (qb, kb, vb))
     if backend == "flex":
         kernel = _flex().flex_block_attention
     else:
-        kernel = {
-            "reference": reference_attention,
-            "keyed": keyed.keyed_attention,
-            "flash_varlen": flash_varlen_attention,
-        }[backend]
+        kernel = {"reference": reference_attention, "flash_varlen": flash_varlen_attention}[backend]
     return order.from_blocks(kernel(qb, kb, vb, sel, layout.padded_volume, valid))
 
 

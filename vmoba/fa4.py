@@ -22,6 +22,7 @@ import functools
 
 import torch
 
+from .partition import SAME_ORDER
 from .tiles import FIELDS, TILE, tile_tables
 
 INSTALL_HINT = (
@@ -94,18 +95,6 @@ def unsupported(q: torch.Tensor) -> str | None:
     return None
 
 
-class _Identity:
-    """Block order as given: inputs already partitioned."""
-
-    @staticmethod
-    def to_blocks(x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    @staticmethod
-    def from_blocks(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return y if out is None else out.copy_(y)
-
-
 def fa4_block_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -141,7 +130,7 @@ def fa4_block_attention(
     elif padded:
         mask_mod, aux = _valid_key_mask(), [valid.to(torch.int32)]
     kernel = _Kernel([t[name] for name in FIELDS], mask_mod, aux)
-    return _BlockSparse.apply(q, k, v, kernel, order or _Identity, blocks)
+    return _BlockSparse.apply(q, k, v, kernel, order or SAME_ORDER, blocks)
 
 
 # What the backward reads. None (default): the forward's block-order q, k, v and output, saved (the fastest

@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from .partition import SAME_ORDER
+
 BLOCK_N = 128  # the partition pads blocks to a multiple of it
 SCAN = 1024  # selection entries read per scan step
 # (gathered queries per tile, keys per program, num_warps) of forward pass 1, pass 2 and the backward.
@@ -86,29 +88,36 @@ def _launch(PASS, q, k, v, do, acc, stat, stat2, dq, dk, dv, columns, valid):
 
 
 class _Keyed(torch.autograd.Function):
+    """out = from_blocks(attention(to_blocks(q), to_blocks(k), to_blocks(v))): the block order is taken
+    outside autograd, so on CUDA it is the row gather (`vmoba.gather`) both ways."""
+
     @staticmethod
-    def forward(ctx, q, k, v, columns, valid):
-        B, L, H, D = q.shape
+    def forward(ctx, q, k, v, columns, valid, order, blocks):
+        qb, kb, vb = (t.contiguous() for t in (blocks or [order.to_blocks(x) for x in (q, k, v)]))
+        B, L, H, D = qb.shape
         row_max = torch.full((B, H, L), -torch.inf, dtype=torch.float32, device=q.device)
         row_sum = torch.zeros_like(row_max)
-        acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        acc = torch.zeros(qb.shape, dtype=torch.float32, device=q.device)
         for PASS in (0, 1):
-            _launch(PASS, q, k, v, q, acc, row_max, row_sum, acc, k, v, columns, valid)
+            _launch(PASS, qb, kb, vb, qb, acc, row_max, row_sum, acc, kb, vb, columns, valid)
         # Rows that selected nothing (padding) have sum 0: output 0, lse -inf (log2 units).
-        out = (acc / row_sum.clamp(min=1e-30).transpose(1, 2)[..., None]).to(q.dtype)
+        out_b = acc.div_(row_sum.clamp(min=1e-30).transpose(1, 2)[..., None]).to(q.dtype)
+        del acc
         lse = row_max + torch.log2(row_sum)
-        ctx.save_for_backward(q, k, v, out, lse, columns, valid)
-        return out
+        ctx.save_for_backward(qb, kb, vb, out_b, lse, columns, valid)
+        ctx.order = order
+        return order.from_blocks(out_b)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, columns, valid = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, L]
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _launch(2, q, k, v, grad_out, dq, lse, delta, dq, dk, dv, columns, valid)
-        return dq.to(q.dtype), dk, dv, None, None
+        qb, kb, vb, out_b, lse, columns, valid = ctx.saved_tensors
+        grad_b = ctx.order.to_blocks(grad_out).contiguous()
+        delta = (grad_b.float() * out_b.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, L]
+        dq = torch.zeros(qb.shape, dtype=torch.float32, device=qb.device)
+        dk, dv = torch.empty_like(kb), torch.empty_like(vb)
+        _launch(2, qb, kb, vb, grad_b, dq, lse, delta, dq, dk, dv, columns, valid)
+        grads = (ctx.order.from_blocks(g) for g in (dq.to(qb.dtype), dk, dv))
+        return (*grads, None, None, None, None)
 
 
 def keyed_attention(
@@ -118,19 +127,26 @@ def keyed_attention(
     sel: torch.Tensor,
     block_slots: int,
     valid: torch.Tensor,
+    order=None,
+    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Token- or block-granularity sparse attention through the key-centric Triton kernels.
 
     Args:
-        q, k, v: [B, L, H, D] fp16/bf16 in block order (`unsupported(q)` is None), L = C * block_slots,
-            block_slots a multiple of `BLOCK_N`.
-        sel: bool [B, H, R, C], R = L (token granularity) or C (block granularity); valid: bool [L].
+        q, k, v: [B, N, H, D] fp16/bf16 (`unsupported(q)` is None), in block order, or in `order`'s raster
+            order when it is given.
+        sel: bool [B, H, R, C], R = L (token granularity) or C (block granularity); valid: bool [L]; in block
+            order L = C * block_slots, block_slots a multiple of `BLOCK_N`.
+        order: None, or an object with `to_blocks(x)` ([B, N, H, D] -> [B, L, H, D]) and its inverse
+            `from_blocks(y)`, e.g. `vmoba.attention.BlockOrder`.
+        blocks: `order.to_blocks` of q, k, v if already computed.
     Returns:
-        [B, L, H, D] in q's dtype (zeros at padded query slots); differentiable w.r.t. q, k and v.
+        [B, N, H, D] in q's dtype, in q's order (zeros at padded query slots of the block order);
+        differentiable w.r.t. q, k and v.
     """
-    B, L, H, D = q.shape
+    L = valid.shape[0]
     if block_slots % BLOCK_N or L % block_slots:
         raise ValueError(f"keyed needs blocks of a multiple of {BLOCK_N} slots, got {block_slots}")
     rows = sel if sel.shape[2] == L else sel.repeat_interleave(block_slots, dim=2)
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    return _Keyed.apply(q, k, v, _columns(rows, valid), valid.view(torch.uint8))
+    columns = _columns(rows, valid)
+    return _Keyed.apply(q, k, v, columns, valid.view(torch.uint8), order or SAME_ORDER, blocks)

@@ -123,6 +123,22 @@ def unpartition_layout(x: torch.Tensor, layout: BlockLayout, out: torch.Tensor |
     return x if out is None else out.copy_(x)
 
 
+class _SameOrder:
+    """The order of kernels' `order` argument when their inputs are already in block order: no-op
+    `to_blocks` / `from_blocks` (the interface of `vmoba.attention.BlockOrder`)."""
+
+    @staticmethod
+    def to_blocks(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def from_blocks(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return y if out is None else out.copy_(y)
+
+
+SAME_ORDER = _SameOrder()
+
+
 def partition(x: torch.Tensor, grid, kind: str, block, pad_to: int = 1) -> torch.Tensor:
     """Reorder tokens so every `kind` block is contiguous (padded blocks, see the module docstring).
 

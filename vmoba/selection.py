@@ -96,8 +96,8 @@ def select_from_scores(
     query row r's own block is `r // rows_per_block`.
     """
     B, H, R, C = scores.shape
-    if selection == "topk" and scope == "query" and _fused_topk_usable(scores):
-        return _fused_topk(scores, row_valid, rows_per_block, min(topk, C) - 1)
+    if scope == "query" and _fused_usable(scores):
+        return _fused_select(scores, row_valid, rows_per_block, selection, threshold, min(topk, C) - 1)
     own = (torch.arange(R, device=scores.device) // rows_per_block)[:, None] == torch.arange(
         C, device=scores.device
     )
@@ -120,31 +120,38 @@ def select_from_scores(
     return picked.reshape(B, H, R, C) | own
 
 
-def _fused_topk_usable(scores: torch.Tensor) -> bool:
+def _fused_usable(scores: torch.Tensor) -> bool:
     from .gather import _has_triton
 
     return scores.is_cuda and scores.dtype == torch.float32 and scores.shape[-1] <= 8192 and _has_triton()
 
 
-def _fused_topk(scores: torch.Tensor, row_valid: torch.Tensor, rows_per_block: int, budget: int):
-    """`select_from_scores` for top-k in query scope as one Triton pass: scores fp32 [B, H, R, C] ->
-    bool [B, H, R, C]. The same picks as the sort (ties to the lower block), without sorting: each row's
-    budget-th best score is found bit by bit (32 counting passes in registers); 1.1 GB of token scores at
-    55K tokens take ~2.5 ms instead of the sort's ~26 (docs/benchmarks.md, note 16)."""
-    from ._topk_kernel import topk_rows
+def _fused_select(scores, row_valid, rows_per_block: int, selection: str, threshold: float, budget: int):
+    """`select_from_scores` in query scope as one Triton pass (`vmoba/_select_kernels.py`): scores fp32
+    [B, H, R, C] -> bool [B, H, R, C]. No sort: each row's cut is found bit by bit (32 counting passes in
+    registers). Top-k picks exactly what the sort picks (ties to the lower block); the threshold rule
+    sums shares in another order than the sort's cumsum, so a row whose cut lies within rounding of
+    `need` may take one block more or fewer. 1.1 GB of token scores at 55K tokens: ~3 ms instead of the
+    sort's ~26 (docs/benchmarks.md, note 16)."""
+    from . import _select_kernels
 
     B, H, R, C = scores.shape
     picked = torch.empty(B, H, R, C, dtype=torch.int8, device=scores.device)
     width = 1 << max(0, C - 1).bit_length()
     block_r = max(1, min(16, 8192 // width))
-    topk_rows[(-(-R // block_r), B * H)](
+    kernel, rule = (
+        (_select_kernels.topk_rows, budget)
+        if selection == "topk"
+        else (_select_kernels.threshold_rows, float(threshold))
+    )
+    kernel[(-(-R // block_r), B * H)](
         scores.contiguous(),
         picked,
         row_valid.to(torch.int8),
         R,
         C,
         rows_per_block,
-        budget,
+        rule,
         BLOCK_R=block_r,
         BLOCK_C=width,
     )
