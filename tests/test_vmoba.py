@@ -289,8 +289,11 @@ def test_dense_first_layers_and_steps():
     assert not torch.allclose(vmoba_attention(q, k, v, GRID, cfg, layer_idx=1), dense)
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # the gate and the stats a head at a time
 @pytest.mark.parametrize("granularity", ["token", "block"])
-def test_stats_and_recall_match_the_oracle_mask(granularity):
+def test_stats_and_recall_match_the_oracle_mask(granularity, chunk_bytes, monkeypatch):
+    if chunk_bytes:
+        monkeypatch.setattr(vmoba.attention, "GATE_CHUNK_BYTES", chunk_bytes)
     cfg = make_config("3d", granularity=granularity)
     q, k, v = rand_qkv(H=3)
     _, mask = oracle(q, k, v, GRID, cfg)
@@ -540,3 +543,23 @@ def test_slot_indices_are_the_partition_and_its_inverse(kind):
     assert torch.equal(sources[slots.long()], torch.arange(layout.num_tokens, dtype=torch.int32))
     assert torch.equal(valid_mask(layout, torch.device("cpu")), sources >= 0)
     assert int((sources >= 0).sum()) == layout.num_tokens < layout.length
+
+
+@pytest.mark.parametrize("scope", ["query", "head", "overall"])
+@pytest.mark.parametrize("granularity", ["token", "block"])
+def test_gate_taken_a_few_heads_at_a_time_selects_the_same(scope, granularity, monkeypatch):
+    # Scopes that never mix heads compute the fp32 scores in head chunks (bounded memory); the picks
+    # must not depend on the chunking, and `overall` (which mixes heads) must not be chunked.
+    from vmoba import attention
+    from vmoba.attention import _layout, _select
+    from vmoba.partition import partition_layout
+
+    q, k, _ = (t.detach() for t in rand_qkv(H=5, seed=int(torch.randint(0, 2**31, ()))))
+    cfg = make_config("3d", granularity=granularity, scope=scope, selection="topk", topk_3d=2)
+    layout = _layout(cfg, GRID, 0, 1)
+    valid = valid_mask(layout, q.device)
+    qb, kb = (partition_layout(t, layout) for t in (q, k))
+    whole = _select(qb, kb, layout, valid, cfg, "3d")
+    monkeypatch.setattr(attention, "GATE_CHUNK_BYTES", 1)  # one head at a time where allowed
+    assert torch.equal(_select(qb, kb, layout, valid, cfg, "3d"), whole)
+    assert whole[:, :, valid if granularity == "token" else slice(None)].any(-1).all()

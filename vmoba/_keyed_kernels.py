@@ -57,14 +57,14 @@ def keyed(
     key_ok = tl.load(Valid + offs_n) != 0
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    column = Sel + (bh.to(tl.int64) * C + key_tile // tiles_per_block) * L
+    column = Sel + (bh.to(tl.int64) * C + key_tile // tiles_per_block) * (L // 8)
     ring = Ring + (bh.to(tl.int64) * tl.num_programs(0) + key_tile) * RING
     lanes = tl.arange(0, BLOCK_M)
     head = 0  # rows popped / appended so far
     tail = 0
     for start in range(0, L, SCAN):
         offs = start + tl.arange(0, SCAN)
-        picked = tl.load(column + offs, mask=offs < L, other=0).to(tl.int32)
+        picked = (tl.load(column + offs // 8, mask=offs < L, other=0).to(tl.int32) >> (offs % 8)) & 1
         at = tail + tl.cumsum(picked, 0) - picked
         tl.debug_barrier()  # the slots written now may have been read by the last tile
         tl.store(ring + (at & (RING - 1)), offs, mask=picked != 0)
@@ -91,14 +91,18 @@ def keyed(
 
 @triton.jit
 def columns(Sel, Valid, Out, L, C, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sel int8 [B*H, L, C] (a token selection) -> Out int8 [B*H, C, L]: each key block's column of query
-    rows, what `keyed` scans, with padded queries (Valid == 0) never picked. A tiled transpose: PyTorch's
-    copy moves bytes one at a time (~3 ms at 55K tokens)."""
+    """Sel int8 [B*H, L, C] (a token selection) -> Out uint8 [B*H, C, L // 8]: each key block's column of
+    query rows as bits (row l is bit l % 8 of byte l // 8), what `keyed` scans, with padded queries
+    (Valid == 0) never picked. A tiled transpose: PyTorch's copy of a transposed bool tensor moves bytes one
+    at a time (~3 ms at 55K tokens), and the bits save 7/8 of what the backward keeps."""
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     bh = tl.program_id(2).to(tl.int64)
     inside = (rows[:, None] < L) & (cols[None, :] < C)
     valid = tl.load(Valid + rows, mask=rows < L, other=0)
     picked = tl.load(Sel + (bh * L + rows[:, None]) * C + cols[None, :], mask=inside, other=0)
-    picked = tl.trans(picked * valid[:, None])
-    tl.store(Out + (bh * C + cols[:, None]) * L + rows[None, :], picked, mask=tl.trans(inside))
+    picked = tl.trans((picked * valid[:, None]).to(tl.int32) << (rows % 8)[:, None])  # [BLOCK_C, BLOCK_L]
+    packed = tl.sum(tl.reshape(picked, [BLOCK_C, BLOCK_L // 8, 8]), 2).to(tl.uint8)
+    bytes_ = tl.program_id(0) * (BLOCK_L // 8) + tl.arange(0, BLOCK_L // 8)
+    mask = (cols[:, None] < C) & (bytes_[None, :] < L // 8)
+    tl.store(Out + (bh * C + cols[:, None]) * (L // 8) + bytes_[None, :], packed, mask=mask)

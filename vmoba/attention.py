@@ -71,20 +71,35 @@ def _layout(config: VMoBAConfig, grid, layer_idx: int, pad_to: int) -> BlockLayo
     return block_layout(grid, kind, config.block_for(kind), pad_to)
 
 
+# Bytes of fp32 gate scores computed at once. Token scores are [B, H, L, C] (1.1 GB at 55K tokens, 432
+# blocks, 12 heads); scopes that never mix heads take them a few heads at a time instead.
+GATE_CHUNK_BYTES = 1 << 28
+
+
 def _select(qb, kb, layout: BlockLayout, valid, config: VMoBAConfig, kind: str) -> torch.Tensor:
     """bool [B, H, R, C] selection of block-order q, k (R = slots or blocks, per config.granularity)."""
-    scores = gate_scores(qb, kb, layout.padded_volume, valid, config.granularity)
     token = config.granularity == "token"
     row_valid = valid if token else torch.ones(layout.num_blocks, dtype=torch.bool, device=qb.device)
-    return select_from_scores(
-        scores,
-        row_valid,
-        layout.padded_volume if token else 1,
-        selection=config.selection,
-        scope=config.scope,
-        threshold=config.threshold,
-        topk=config.topk_for(kind),
+    rules = dict(
+        selection=config.selection, scope=config.scope, threshold=config.threshold, topk=config.topk_for(kind)
     )
+    rows_per_block = layout.padded_volume if token else 1
+
+    def select(heads: slice) -> torch.Tensor:
+        scores = gate_scores(
+            qb[:, :, heads], kb[:, :, heads], layout.padded_volume, valid, config.granularity
+        )
+        return select_from_scores(scores, row_valid, rows_per_block, **rules)
+
+    B, _, H, _ = qb.shape
+    per_head = B * row_valid.shape[0] * layout.num_blocks * 4
+    step = H if config.scope not in ("query", "head") else max(1, min(H, GATE_CHUNK_BYTES // per_head))
+    if step == H:
+        return select(slice(None))
+    sel = torch.empty(B, H, row_valid.shape[0], layout.num_blocks, dtype=torch.bool, device=qb.device)
+    for start in range(0, H, step):
+        sel[:, start : start + step] = select(slice(start, start + step))
+    return sel
 
 
 def selection_stats(sel: torch.Tensor, layout: BlockLayout, valid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -99,9 +114,15 @@ def selection_stats(sel: torch.Tensor, layout: BlockLayout, valid: torch.Tensor)
     counts = valid.view(layout.num_blocks, -1).sum(-1, dtype=torch.float32)  # valid tokens per block
     rows = valid.float() if sel.shape[2] == valid.shape[0] else counts  # valid queries per row
     n = float(layout.num_tokens) * sel.shape[0]
-    sel = sel.float()
-    density = torch.einsum("bhrc,r,c->h", sel, rows, counts) / (n * layout.num_tokens)
-    blocks = torch.einsum("bhrc,r->h", sel, rows) / n
+    blocks = torch.einsum("bhr,r->h", sel.sum(-1, dtype=torch.float32), rows) / n
+    # The weighted pair count needs sel as floats: a few heads at a time (a token selection's fp32 copy is
+    # 1.1 GB at 55K tokens, and this runs in every sparse layer).
+    step = max(1, GATE_CHUNK_BYTES // (4 * sel[:, :1].numel()))
+    pairs = [
+        torch.einsum("bhrc,r,c->h", sel[:, start : start + step].float(), rows, counts)
+        for start in range(0, sel.shape[1], step)
+    ]
+    density = torch.cat(pairs) / (n * layout.num_tokens)
     return {"density": density.detach(), "blocks": blocks.detach()}
 
 

@@ -16,7 +16,7 @@ A program cannot finish a query's softmax alone (the query's other blocks are ot
   `atomic_add`.
 
 Queries are gathered without host syncs or index lists: each program scans its block's column of the
-selection `[B, H, C, L]` in L order and appends the selected rows to a small ring buffer (positions by
+selection (bits, `[B, H, C, L / 8]`) in L order and appends the selected rows to a small ring buffer (positions by
 cumsum), popping a tile whenever `BLOCK_M` rows are waiting. Programs scan L in step, so the accumulator
 rows their atomics hit are shared and stay in L2.
 """
@@ -60,12 +60,12 @@ def _kernel():
 
 
 def _columns(sel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """bool [B, H, L, C] token selection, bool [L] -> uint8 [B, H, C, L]: each key block's column of
-    query rows, padded queries never picked."""
+    """bool [B, H, L, C] token selection, bool [L] (L % 8 == 0) -> uint8 [B, H, C, L // 8]: each key
+    block's column of query rows as bits, padded queries never picked."""
     from ._keyed_kernels import columns
 
     B, H, L, C = sel.shape
-    out = torch.empty(B, H, C, L, dtype=torch.uint8, device=sel.device)
+    out = torch.empty(B, H, C, L // 8, dtype=torch.uint8, device=sel.device)
     grid = (-(-L // 64), -(-C // 64), B * H)
     columns[grid](
         sel.contiguous().view(torch.uint8), valid.view(torch.uint8), out, L, C, BLOCK_L=64, BLOCK_C=64
