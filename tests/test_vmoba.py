@@ -563,3 +563,14 @@ def test_gate_taken_a_few_heads_at_a_time_selects_the_same(scope, granularity, m
     monkeypatch.setattr(attention, "GATE_CHUNK_BYTES", 1)  # one head at a time where allowed
     assert torch.equal(_select(qb, kb, layout, valid, cfg, "3d"), whole)
     assert whole[:, :, valid if granularity == "token" else slice(None)].any(-1).all()
+
+
+def test_keyed_backend_says_why_it_cannot_run():
+    from vmoba import keyed
+
+    q, k, v = (t.detach() for t in rand_qkv(dtype=torch.bfloat16))
+    assert "fp16 or bf16" in keyed.unsupported(q.float())
+    assert "head dim" in keyed.unsupported(torch.empty(1, 4, 2, 256, dtype=torch.bfloat16))
+    assert "CUDA" in keyed.unsupported(q)
+    with pytest.raises(ValueError, match="keyed runs on CUDA"):
+        vmoba_attention(q, k, v, GRID, make_config("3d", granularity="token"), backend="keyed")

@@ -16,8 +16,8 @@ A program cannot finish a query's softmax alone (the query's other blocks are ot
   `atomic_add`.
 
 Queries are gathered without host syncs or index lists: each program scans its block's column of the
-selection (bits, `[B, H, C, L / 8]`) in L order and appends the selected rows to a small ring buffer (positions by
-cumsum), popping a tile whenever `BLOCK_M` rows are waiting. Programs scan L in step, so the accumulator
+selection (bits, `[B, H, C, L / 8]`) in L order and appends the selected rows to a small ring buffer
+(positions by cumsum), popping a tile whenever `BLOCK_M` rows are waiting. Programs scan L in step, so the accumulator
 rows their atomics hit are shared and stay in L2.
 """
 
@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from .gather import _has_triton
 from .partition import SAME_ORDER
 
 BLOCK_N = 128  # the partition pads blocks to a multiple of it
@@ -42,13 +43,11 @@ def unsupported(q: torch.Tensor) -> str | None:
     if q.dtype not in _DTYPES:
         return f"keyed needs fp16 or bf16 q, k, v, got {q.dtype}"
     D = q.shape[-1]
-    if D < 16 or D > 256 or D & (D - 1):
-        return f"keyed needs a power-of-two head dim in [16, 256], got {D}"
+    if D not in (16, 32, 64, 128):  # 256 would hold 2 x 64 KB of keys and values per program
+        return f"keyed needs a head dim of 16, 32, 64 or 128, got {D}"
     if not q.is_cuda:
         return "keyed runs on CUDA GPUs only"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not _has_triton():
         return "keyed needs Triton (it ships with PyTorch's CUDA wheels)"
     return None
 
