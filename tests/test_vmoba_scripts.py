@@ -36,3 +36,22 @@ def test_bench_attention_options_parse():
     assert not args.profile and bench.parse_args(["--profile"]).profile
     with pytest.raises(SystemExit):
         bench.parse_args(["--dtype", "int8"])
+    token = bench.parse_args(["--token-thresholds", "0.25", "0.5"])
+    assert token.token_thresholds == [0.25, 0.5] and bench.parse_args([]).token_thresholds == []
+
+
+def test_bench_keyed_tiles_says_it_needs_a_gpu():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU message")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_keyed_tiles.py"), "--tiles", "64,128,4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
