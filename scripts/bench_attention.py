@@ -34,6 +34,7 @@ from vmoba import (  # noqa: E402
 )
 from vmoba import fa4 as vfa4  # noqa: E402
 from vmoba import flex as vflex  # noqa: E402
+from vmoba import keyed as vkeyed  # noqa: E402
 from vmoba.attention import _select  # noqa: E402
 from vmoba.partition import partition_layout, valid_mask  # noqa: E402
 from vmoba.tiles import TILE, tile_tables  # noqa: E402
@@ -231,7 +232,7 @@ def vmoba_rows(args, grid, q, k, v):
                 vflex.KERNEL_OPTIONS = (
                     tuned if options is None else {torch.cuda.get_device_capability(): options}
                 )
-            else:
+            elif backend == "fa4":
                 vfa4.BACKWARD_HEAD_GROUPS = options or None
             stats = {}
             label = f"vmoba {backend} {granularity} {selection}={value:g}"
@@ -249,14 +250,15 @@ def vmoba_rows(args, grid, q, k, v):
             )
             if "error" not in row:
                 row["density"] = stats["density"].mean().item()
-                row.update(gate_and_mask_ms(cfg, kind, layout, q, k, args))
+                row.update(gate_and_mask_ms(cfg, kind, layout, q, k, args, backend))
                 print(json.dumps(row), flush=True)
             yield row
     vflex.KERNEL_OPTIONS, vfa4.BACKWARD_HEAD_GROUPS = tuned, None
 
 
-def gate_and_mask_ms(cfg, kind, layout, q, k, args) -> dict:
-    """Times of partition + selection (the gate) and of the tile-table build on its own."""
+def gate_and_mask_ms(cfg, kind, layout, q, k, args, backend: str) -> dict:
+    """Times of partition + selection (the gate) and of what the backend builds from the selection on its
+    own: tile tables (flex, fa4) or bit columns (keyed)."""
     valid = valid_mask(layout, q.device)
 
     @torch.no_grad()
@@ -265,7 +267,10 @@ def gate_and_mask_ms(cfg, kind, layout, q, k, args) -> dict:
         return _select(qb, kb, layout, valid, cfg, kind)
 
     sel = gate()
-    mask_ms = timed(lambda: tile_tables(sel, valid, layout.padded_volume), args.warmup, args.iters)
+    if backend == "keyed":
+        mask_ms = timed(lambda: vkeyed.selection_columns(sel, valid, layout.padded_volume), args.warmup, args.iters)
+    else:
+        mask_ms = timed(lambda: tile_tables(sel, valid, layout.padded_volume), args.warmup, args.iters)
     return {"gate_ms": timed(gate, args.warmup, args.iters), "mask_ms": mask_ms}
 
 

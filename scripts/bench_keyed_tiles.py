@@ -62,7 +62,7 @@ def main(argv=None):
     with torch.no_grad():
         sel = _select(qb, kb, layout, valid, cfg, "3d")
         gate = timed(lambda: _select(qb, kb, layout, valid, cfg, "3d"))
-    columns, valid8 = keyed._columns(sel, valid), valid.view(torch.uint8)
+    columns, valid8 = keyed.selection_columns(sel, valid, layout.padded_volume), valid.view(torch.uint8)
     stat = torch.full((1, H, L), -torch.inf, device="cuda")
     stat2, acc = torch.zeros_like(stat), torch.zeros(qb.shape, device="cuda")
     lse, delta = torch.rand_like(stat) + 5, torch.randn_like(stat)

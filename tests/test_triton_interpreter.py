@@ -71,6 +71,12 @@ SELECT = """
     want = torch.tensor([[[[True, True, True, True, False, False, False, False]]]])
     assert torch.equal(selection.select_from_scores(row, torch.ones(1, dtype=torch.bool), 8, **args), want)
     assert torch.equal(selection._fused_select(row, torch.ones(1, dtype=torch.bool), 8, "threshold", 0.5, 0), want)
+    # The own block alone passes tau (need = 0): only the best other block, the lower of two tied ones.
+    row = torch.tensor([[[[1.0, 0.5, 0.9, 0.9, 0.0]]]])
+    args["threshold"] = 0.1
+    want = torch.tensor([[[[True, False, True, False, False]]]])
+    assert torch.equal(selection.select_from_scores(row, torch.ones(1, dtype=torch.bool), 5, **args), want)
+    assert torch.equal(selection._fused_select(row, torch.ones(1, dtype=torch.bool), 5, "threshold", 0.1, 0), want)
 """
 
 

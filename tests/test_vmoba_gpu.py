@@ -120,35 +120,52 @@ def test_fa4_within_flash_attention_rule(kind, granularity, D, selection, grid, 
     check_flash_attention_rule(kernel, qb, kb, vb, sel, S, valid)
 
 
-@pytest.mark.parametrize("backward_groups", [None, 2])
-def test_fa4_with_a_text_prefix_matches_the_reference_with_gradients(backward_groups, monkeypatch):
-    fa4 = fa4_or_skip()
-    monkeypatch.setattr(fa4, "BACKWARD_HEAD_GROUPS", backward_groups)
-    torch.manual_seed(7)
-    cfg = config("3d", "block", selection="topk", topk_3d=4)
-    L, S = GRID[0] * GRID[1] * GRID[2], 37
-    q, k, v = (torch.randn(2, S + L, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    grad_out = torch.randn_like(q)
-    got = fwd_bwd(lambda *t: vmoba_attention(*t, GRID, cfg, backend="fa4", num_prefix=S), (q, k, v), grad_out)
-    want = fwd_bwd(
-        lambda *t: vmoba_attention(*t, GRID, cfg, backend="reference", num_prefix=S),
-        [t.float() for t in (q, k, v)],
-        grad_out,
+PREFIX = 37  # text tokens in front of the video: a partial first block
+
+
+def prefix_case(granularity, seed):
+    """(config, [q, k, v] bf16 [2, PREFIX + L, 2, 64], grad_out) for a joint-attention call."""
+    torch.manual_seed(seed)
+    L = GRID[0] * GRID[1] * GRID[2]
+    qkv = [torch.randn(2, PREFIX + L, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    return config("3d", granularity, selection="topk", topk_3d=4), qkv, torch.randn_like(qkv[0])
+
+
+def run_with_prefix(backend, cfg, qkv, grad_out):
+    """[out, dq, dk, dv] of `vmoba_attention` on `backend` with the text prefix."""
+    return fwd_bwd(
+        lambda *t: vmoba_attention(*t, GRID, cfg, backend=backend, num_prefix=PREFIX), qkv, grad_out
     )
+
+
+def assert_matches_the_reference_with_prefix(got, cfg, qkv, grad_out):
+    want = run_with_prefix("reference", cfg, [t.float() for t in qkv], grad_out)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a.float(), b, rtol=0, atol=3e-2, msg=name)
 
 
-def test_auto_takes_fa4_for_blocks_and_keyed_for_tokens_on_hopper_and_blackwell():
+@pytest.mark.parametrize("backward_groups", [None, 2])
+def test_fa4_with_a_text_prefix_matches_the_reference_with_gradients(backward_groups, monkeypatch):
+    fa4 = fa4_or_skip()
+    monkeypatch.setattr(fa4, "BACKWARD_HEAD_GROUPS", backward_groups)
+    cfg, qkv, grad_out = prefix_case("block", seed=7)
+    assert_matches_the_reference_with_prefix(run_with_prefix("fa4", cfg, qkv, grad_out), cfg, qkv, grad_out)
+
+
+def test_auto_takes_keyed_for_tokens_on_cuda():
     from vmoba.attention import _resolve_backend
 
-    fa4_or_skip()
     keyed_or_skip()
+    q = torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert _resolve_backend("auto", q, "token") == "keyed"
+    assert _resolve_backend("auto", q.float(), "token") == "flex"  # fp32: neither keyed nor fa4
+
+
+def test_auto_takes_fa4_for_blocks_on_hopper_and_blackwell():
+    fa4_or_skip()
     torch.manual_seed(6)
     L = FA4_GRID[0] * FA4_GRID[1] * FA4_GRID[2]
     q, k, v = (torch.randn(1, L, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    assert _resolve_backend("auto", q, "token") == "keyed"
-    assert _resolve_backend("auto", q.float(), "token") == "flex"  # fp32: neither keyed nor fa4
     cfg = config("3d", "block", selection="topk", topk_3d=4)
     auto, explicit = (vmoba_attention(q, k, v, FA4_GRID, cfg, backend=b) for b in ("auto", "fa4"))
     torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
@@ -275,27 +292,15 @@ def test_keyed_within_flash_attention_rule(kind, granularity, D, selection, grid
 def test_keyed_with_a_text_prefix_matches_the_reference_without_host_syncs():
     # The prefix's rows select every block and every row selects its blocks: full columns in the scan.
     keyed_or_skip()
-    torch.manual_seed(9)
-    cfg = config("3d", "token", selection="topk", topk_3d=4)
-    L, S = GRID[0] * GRID[1] * GRID[2], 37
-    q, k, v = (torch.randn(2, S + L, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    grad_out = torch.randn_like(q)
-    fwd_bwd(lambda *t: vmoba_attention(*t, GRID, cfg, backend="keyed", num_prefix=S), (q, k, v), grad_out)
+    cfg, qkv, grad_out = prefix_case("token", seed=9)
+    run_with_prefix("keyed", cfg, qkv, grad_out)  # compile first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = fwd_bwd(
-            lambda *t: vmoba_attention(*t, GRID, cfg, backend="auto", num_prefix=S), (q, k, v), grad_out
-        )
+        got = run_with_prefix("keyed", cfg, qkv, grad_out)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    want = fwd_bwd(
-        lambda *t: vmoba_attention(*t, GRID, cfg, backend="reference", num_prefix=S),
-        [t.float() for t in (q, k, v)],
-        grad_out,
-    )
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(a.float(), b, rtol=0, atol=3e-2, msg=name)
+    assert_matches_the_reference_with_prefix(got, cfg, qkv, grad_out)
 
 
 @pytest.mark.parametrize("R, C, V, topk", [(4096, 432, 128, 108), (1536, 24, 64, 7), (300, 5, 60, 9)])

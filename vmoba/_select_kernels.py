@@ -74,6 +74,7 @@ def threshold_rows(
     total = tl.where(total > 0, total, 1.0)
     share = n / total[:, None]
     need = tl.maximum(tau - tl.sum(tl.where(own, share, 0.0), 1), 0.0)
+    need = tl.where(tau >= 1.0, float("inf"), need)  # all the mass: every candidate, whatever the rounding
     candidate = active & ~own
     key = tl.where(candidate, _keys(n), 0)
     # Candidate i is taken when the shares ranked above it sum below need. With G(t) = sum of the shares of
@@ -96,7 +97,6 @@ def threshold_rows(
     taken = (candidate & (key > lowest[:, None])) | (
         tie & (g[:, None] + m * tie_share[:, None] < need[:, None])
     )
-    count = tl.sum(taken.to(tl.int32), 1)
-    quota = tl.where(tau >= 1.0, tl.sum(candidate.to(tl.int32), 1), tl.maximum(count, 1))
-    picked = _best(key, candidate, quota, BLOCK_R) | own
+    # At least one: the first of the lowest group is the best candidate when nothing else is taken (need 0).
+    picked = taken | (tie & (m == 0)) | own
     tl.store(Out + offs, picked.to(tl.int8), mask=inside)

@@ -40,14 +40,10 @@ def _resolve_backend(backend: str, q: torch.Tensor, granularity: str) -> str:
         if granularity == "token" and not keyed.unsupported(q):
             return "keyed"
         return "flex" if fa4.unsupported(q) else "fa4"
-    if backend == "fa4":
-        reason = fa4.unsupported(q)
-        if reason == fa4.INSTALL_HINT:
-            raise ImportError(reason)
+    if backend in OWN_ORDER:  # the kernels that check what they can run
+        reason = {"fa4": fa4, "keyed": keyed}[backend].unsupported(q)
         if reason:
-            raise ValueError(reason)
-    if backend == "keyed" and keyed.unsupported(q):
-        raise ValueError(keyed.unsupported(q))
+            raise (ImportError if reason == fa4.INSTALL_HINT else ValueError)(reason)
     return backend
 
 
@@ -308,9 +304,7 @@ def attention_recall(
         qb, kb = (partition_layout(t, layout) for t in (q, k))
         sel = _select(qb, kb, layout, valid, config, config.partition_for_layer(layer_idx))
         picks = torch.randperm(layout.num_tokens, generator=generator)[:num_queries].to(q.device)
-        slots = token_slots(layout, q.device)[
-            picks
-        ].long()  # [n] block-order positions of the sampled queries
+        slots = token_slots(layout, q.device)[picks].long()  # [n] block order of the sampled queries
         logits = torch.einsum("bnhd,bkhd->bhnk", qb[:, slots].float(), kb.float()) * q.shape[-1] ** -0.5
         probs = logits.masked_fill(~valid, -torch.inf).softmax(-1)  # [B, H, n, L]
         rows = slots if sel.shape[2] == layout.length else slots // layout.padded_volume

@@ -25,7 +25,8 @@ def rows_view(x: torch.Tensor) -> torch.Tensor | None:
 
 
 @functools.cache
-def _has_triton() -> bool:
+def has_triton() -> bool:
+    """Whether Triton imports (it ships with PyTorch's CUDA wheels; CPU-only wheels lack it)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -38,7 +39,7 @@ def usable(x: torch.Tensor) -> bool:
     Triton installed, as it is with PyTorch's CUDA wheels)."""
     return (
         x.is_cuda
-        and _has_triton()
+        and has_triton()
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and not (x.requires_grad and torch.is_grad_enabled())
         and rows_view(x) is not None

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .gather import _has_triton
+from .gather import has_triton
 from .partition import SAME_ORDER
 
 BLOCK_N = 128  # the partition pads blocks to a multiple of it
@@ -47,7 +47,7 @@ def unsupported(q: torch.Tensor) -> str | None:
         return f"keyed needs a head dim of 16, 32, 64 or 128, got {D}"
     if not q.is_cuda:
         return "keyed runs on CUDA GPUs only"
-    if not _has_triton():
+    if not has_triton():
         return "keyed needs Triton (it ships with PyTorch's CUDA wheels)"
     return None
 
@@ -58,12 +58,15 @@ def _kernel():
     return keyed
 
 
-def _columns(sel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """bool [B, H, L, C] token selection, bool [L] (L % 8 == 0) -> uint8 [B, H, C, L // 8]: each key
-    block's column of query rows as bits, padded queries never picked."""
+def selection_columns(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> torch.Tensor:
+    """bool [B, H, R, C] selection (R = L tokens or C blocks), bool [L] (L % 8 == 0) -> uint8
+    [B, H, C, L // 8]: each key block's column of query rows as bits, padded queries never picked."""
     from ._keyed_kernels import columns
 
-    B, H, L, C = sel.shape
+    L = valid.shape[0]
+    if sel.shape[2] != L:  # block granularity: each block's rows share its selection
+        sel = sel.repeat_interleave(block_slots, dim=2)
+    B, H, _, C = sel.shape
     out = torch.empty(B, H, C, L // 8, dtype=torch.uint8, device=sel.device)
     grid = (-(-L // 64), -(-C // 64), B * H)
     columns[grid](
@@ -73,6 +76,13 @@ def _columns(sel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(PASS, q, k, v, do, acc, stat, stat2, dq, dk, dv, columns, valid):
+    """One pass of the `keyed` kernel over block-order q, k, v [B, L, H, D] and the bit columns.
+
+    PASS 0 reads q, k and atomically maxes `stat` (row max, log2 units, [B, H, L]); PASS 1 also reads v and
+    `stat`, and adds to `acc` (fp32 [B, L, H, D]) and `stat2` (row sums). PASS 2, the backward, reads
+    q, k, v, `do`, `stat` (lse) and `stat2` (delta), adds to `dq` (fp32) and writes `dk`, `dv`. Arguments a
+    pass does not use may be any tensor (the forward passes one tensor twice).
+    """
     B, L, H, D = q.shape
     C = columns.shape[2]
     block_m, block_n, warps = TILES[PASS]
@@ -146,6 +156,5 @@ def keyed_attention(
     L = valid.shape[0]
     if block_slots % BLOCK_N or L % block_slots:
         raise ValueError(f"keyed needs blocks of a multiple of {BLOCK_N} slots, got {block_slots}")
-    rows = sel if sel.shape[2] == L else sel.repeat_interleave(block_slots, dim=2)
-    columns = _columns(rows, valid)
+    columns = selection_columns(sel, valid, block_slots)
     return _Keyed.apply(q, k, v, columns, valid.view(torch.uint8), order or SAME_ORDER, blocks)

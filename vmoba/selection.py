@@ -121,9 +121,9 @@ def select_from_scores(
 
 
 def _fused_usable(scores: torch.Tensor) -> bool:
-    from .gather import _has_triton
+    from .gather import has_triton
 
-    return scores.is_cuda and scores.dtype == torch.float32 and scores.shape[-1] <= 8192 and _has_triton()
+    return scores.is_cuda and scores.dtype == torch.float32 and scores.shape[-1] <= 8192 and has_triton()
 
 
 def _fused_select(scores, row_valid, rows_per_block: int, selection: str, threshold: float, budget: int):
