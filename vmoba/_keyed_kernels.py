@@ -6,7 +6,7 @@ import triton.language as tl
 
 @triton.jit
 def tile(
-    Q, K, Vv, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, row_ok, k, v, key_ok, dk, dv,
+    Q, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, row_ok, k, v, key_ok, dk, dv,
     stride_l, scale_log2, sm_scale, PASS: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     """One gathered tile of queries `rows` [BLOCK_M] against the program's keys; returns (dk, dv)."""
@@ -17,7 +17,7 @@ def tile(
     if PASS == 0:  # the row max over this tile's valid keys
         m = tl.max(tl.where(key_ok[None, :], s, -float("inf")), 1)
         tl.atomic_max(Stat + stat_base + rows, m, mask=row_ok, sem="relaxed")
-    elif PASS == 1:  # exp(s - m) @ v and the row sums, offset by the row max of pass 1
+    elif PASS == 1:  # exp(s - m) @ v and the row sums, offset by the first pass's row max
         m = tl.load(Stat + stat_base + rows, mask=row_ok, other=0.0)
         p = tl.where(key_ok[None, :], tl.math.exp2(s - m[:, None]), 0.0)
         tl.atomic_add(Stat2 + stat_base + rows, tl.sum(p, 1), mask=row_ok, sem="relaxed")
@@ -73,7 +73,7 @@ def keyed(
         while tail - head >= BLOCK_M:
             rows = tl.load(ring + ((head + lanes) & (RING - 1)), cache_modifier=".cg")
             dk, dv = tile(
-                Q, K, Vv, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, lanes >= 0, k, v, key_ok,
+                Q, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, lanes >= 0, k, v, key_ok,
                 dk, dv, stride_l, scale_log2, sm_scale, PASS, D,
             )  # fmt: skip
             head += BLOCK_M
@@ -81,7 +81,7 @@ def keyed(
         row_ok = lanes < tail - head
         rows = tl.load(ring + ((head + lanes) & (RING - 1)), mask=row_ok, other=0, cache_modifier=".cg")
         dk, dv = tile(
-            Q, K, Vv, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, row_ok, k, v, key_ok,
+            Q, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, row_ok, k, v, key_ok,
             dk, dv, stride_l, scale_log2, sm_scale, PASS, D,
         )  # fmt: skip
     if PASS == 2:
