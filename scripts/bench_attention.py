@@ -268,7 +268,9 @@ def gate_and_mask_ms(cfg, kind, layout, q, k, args, backend: str) -> dict:
 
     sel = gate()
     if backend == "keyed":
-        mask_ms = timed(lambda: vkeyed.selection_columns(sel, valid, layout.padded_volume), args.warmup, args.iters)
+        mask_ms = timed(
+            lambda: vkeyed.selection_columns(sel, valid, layout.padded_volume), args.warmup, args.iters
+        )
     else:
         mask_ms = timed(lambda: tile_tables(sel, valid, layout.padded_volume), args.warmup, args.iters)
     return {"gate_ms": timed(gate, args.warmup, args.iters), "mask_ms": mask_ms}
