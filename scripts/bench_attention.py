@@ -258,7 +258,7 @@ def vmoba_rows(args, grid, q, k, v):
 
 def gate_and_mask_ms(cfg, kind, layout, q, k, args, backend: str) -> dict:
     """Times of partition + selection (the gate) and of what the backend builds from the selection on its
-    own: tile tables (flex, fa4) or bit columns (keyed)."""
+    own: tile tables (flex, fa4) or row lists (keyed)."""
     valid = valid_mask(layout, q.device)
 
     @torch.no_grad()
@@ -268,9 +268,7 @@ def gate_and_mask_ms(cfg, kind, layout, q, k, args, backend: str) -> dict:
 
     sel = gate()
     if backend == "keyed":
-        mask_ms = timed(
-            lambda: vkeyed.selection_columns(sel, valid, layout.padded_volume), args.warmup, args.iters
-        )
+        mask_ms = timed(lambda: vkeyed.row_lists(sel, valid, layout.padded_volume), args.warmup, args.iters)
     else:
         mask_ms = timed(lambda: tile_tables(sel, valid, layout.padded_volume), args.warmup, args.iters)
     return {"gate_ms": timed(gate, args.warmup, args.iters), "mask_ms": mask_ms}

@@ -2,8 +2,8 @@
 
 For one grid and top-k density: dense cuDNN forward+backward as the baseline, the gate, then forward
 pass 1 (row max), pass 2 (exp @ v with atomics) and the backward alone for each (gathered queries, keys per
-program, warps) in `--tiles`, and forward+backward of the best combination against cuDNN, in one process.
-The defaults live in `vmoba.keyed.TILES` (docs/benchmarks.md, note 16).
+program, warps, pipeline stages) in `--tiles`, and forward+backward of the best combination against cuDNN,
+in one process. The defaults live in `vmoba.keyed.TILES` (docs/benchmarks.md, notes 16 and 17).
 
     python scripts/bench_keyed_tiles.py --grid 24x36x64 --density 0.25
 """
@@ -29,7 +29,7 @@ def timed(fn) -> float:
     return timed_ms(fn, warmup=2, iters=5)
 
 
-TILES = ["64,128,4", "128,128,8", "128,128,4", "32,128,8", "64,64,4", "64,128,8"]
+TILES = ["128,128,4,3", "64,128,4,1", "64,128,4,3", "128,128,8,2", "32,128,8,3", "32,128,8,1", "64,64,4,3"]
 
 
 def main(argv=None):
@@ -38,7 +38,7 @@ def main(argv=None):
     p.add_argument("--density", type=float, default=0.25, help="per-token top-k density")
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--tiles", nargs="+", default=TILES, help="BLOCK_M,BLOCK_N,num_warps per variant")
+    p.add_argument("--tiles", nargs="+", default=TILES, help="BLOCK_M,BLOCK_N,num_warps,stages per variant")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_keyed_tiles.py needs a CUDA GPU")
@@ -62,21 +62,21 @@ def main(argv=None):
     with torch.no_grad():
         sel = _select(qb, kb, layout, valid, cfg, "3d")
         gate = timed(lambda: _select(qb, kb, layout, valid, cfg, "3d"))
-    columns, valid8 = keyed.selection_columns(sel, valid, layout.padded_volume), valid.view(torch.uint8)
+    lists, valid8 = keyed.row_lists(sel, valid, layout.padded_volume), valid.view(torch.uint8)
     stat = torch.full((1, H, L), -torch.inf, device="cuda")
     stat2, acc = torch.zeros_like(stat), torch.zeros(qb.shape, device="cuda")
     lse, delta = torch.rand_like(stat) + 5, torch.randn_like(stat)
     dk, dv = torch.empty_like(kb), torch.empty_like(vb)
     passes = {
-        0: lambda: keyed._launch(0, qb, kb, vb, qb, acc, stat, stat2, acc, kb, vb, columns, valid8),
-        1: lambda: keyed._launch(1, qb, kb, vb, qb, acc, stat, stat2, acc, kb, vb, columns, valid8),
-        2: lambda: keyed._launch(2, qb, kb, vb, grad, acc, lse, delta, acc, dk, dv, columns, valid8),
+        0: lambda: keyed._launch(0, qb, kb, vb, qb, acc, stat, stat2, acc, kb, vb, *lists, valid8),
+        1: lambda: keyed._launch(1, qb, kb, vb, qb, acc, stat, stat2, acc, kb, vb, *lists, valid8),
+        2: lambda: keyed._launch(2, qb, kb, vb, grad, acc, lse, delta, acc, dk, dv, *lists, valid8),
     }
     print(
         f"L = {L}, density {sel.float().mean().item():.3f}: cuDNN fwd+bwd {cudnn:.2f} ms, gate {gate:.2f} ms"
     )
     print(
-        "| tile (queries, keys, warps) | fwd pass 1 ms | fwd pass 2 ms | bwd ms |\n| --- | --- | --- | --- |"
+        "| tile (queries, keys, warps, stages) | fwd pass 1 ms | fwd pass 2 ms | bwd ms |\n| --- | --- | --- | --- |"
     )
     defaults, best = keyed.TILES, {}
     for spec in args.tiles:

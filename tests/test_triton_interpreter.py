@@ -1,6 +1,6 @@
 """vmoba's Triton kernels on the CPU, through Triton's interpreter (TRITON_INTERPRET=1).
 
-The interpreter runs the kernels' own code (the keyed backend's scan, ring buffer, atomics and masks;
+The interpreter runs the kernels' own code (the keyed backend's row lists, atomics and masks;
 the fused selection's bitwise searches) as NumPy, so the algorithms are checked without a GPU;
 tests/test_vmoba_gpu.py checks the compiled kernels. Each check runs in a subprocess: Triton reads
 TRITON_INTERPRET when a kernel is first defined.
@@ -23,6 +23,7 @@ KEYED = """
     torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
     B, C, V, H, D = 2, 3, 256, 2, 16  # two key tiles per block
     L = C * V
+    keyed.SCAN = 64  # the row lists' compaction in many steps
     valid = torch.rand(L) > 0.1  # padded slots: keys masked, queries never picked
     sel = (torch.rand(B, H, L, C) < 0.4) | (torch.arange(L)[:, None] // V == torch.arange(C))
     sel[0, 1, :, 2], sel[0, 1, 2 * V :, 0] = False, True  # a key block nobody picked (its rows pick 0)

@@ -49,7 +49,7 @@ def test_bench_keyed_tiles_says_it_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU message")
     run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_keyed_tiles.py"), "--tiles", "64,128,4"],
+        [sys.executable, str(ROOT / "scripts" / "bench_keyed_tiles.py"), "--tiles", "64,128,4,1"],
         capture_output=True,
         text=True,
         timeout=120,

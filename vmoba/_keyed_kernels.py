@@ -39,10 +39,9 @@ def tile(
 
 @triton.jit
 def keyed(
-    Q, K, Vv, DO, Acc, Stat, Stat2, DQ, DK, DV, Sel, Valid, Ring,
+    Q, K, Vv, DO, Acc, Stat, Stat2, DQ, DK, DV, Starts, Rows, Valid,
     L, C, H, stride_b, stride_l, tiles_per_block, scale_log2, sm_scale,
-    PASS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCAN: tl.constexpr, RING: tl.constexpr,
+    PASS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Program (key tile, b * H + h): PASS 0 / 1 forward passes, 2 backward (module docstring)."""
     key_tile, bh = tl.program_id(0), tl.program_id(1)
@@ -57,29 +56,15 @@ def keyed(
     key_ok = tl.load(Valid + offs_n) != 0
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-    column = Sel + (bh.to(tl.int64) * C + key_tile // tiles_per_block) * (L // 8)
-    ring = Ring + (bh.to(tl.int64) * tl.num_programs(0) + key_tile) * RING
+    cell = bh.to(tl.int64) * C + key_tile // tiles_per_block
+    start = tl.load(Starts + cell)
+    count = (tl.load(Starts + cell + 1) - start).to(tl.int32)
     lanes = tl.arange(0, BLOCK_M)
-    head = 0  # rows popped / appended so far
-    tail = 0
-    for start in range(0, L, SCAN):
-        offs = start + tl.arange(0, SCAN)
-        picked = (tl.load(column + offs // 8, mask=offs < L, other=0).to(tl.int32) >> (offs % 8)) & 1
-        at = tail + tl.cumsum(picked, 0) - picked
-        tl.debug_barrier()  # the slots written now may have been read by the last tile
-        tl.store(ring + (at & (RING - 1)), offs, mask=picked != 0)
-        tail += tl.sum(picked, 0)
-        tl.debug_barrier()  # the appended rows are visible to the whole program
-        while tail - head >= BLOCK_M:
-            rows = tl.load(ring + ((head + lanes) & (RING - 1)), cache_modifier=".cg")
-            dk, dv = tile(
-                Q, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, lanes >= 0, k, v, key_ok,
-                dk, dv, stride_l, scale_log2, sm_scale, PASS, D,
-            )  # fmt: skip
-            head += BLOCK_M
-    if tail > head:  # the last, partial tile
-        row_ok = lanes < tail - head
-        rows = tl.load(ring + ((head + lanes) & (RING - 1)), mask=row_ok, other=0, cache_modifier=".cg")
+    # A counted loop over the block's row list, which Triton software-pipelines (STAGES): the next tiles'
+    # rows are loaded while this one computes (docs/benchmarks.md, note 17).
+    for first in tl.range(0, count, BLOCK_M, num_stages=STAGES):
+        row_ok = first + lanes < count
+        rows = tl.load(Rows + start + first + lanes, mask=row_ok, other=0)
         dk, dv = tile(
             Q, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, row_ok, k, v, key_ok,
             dk, dv, stride_l, scale_log2, sm_scale, PASS, D,
@@ -90,19 +75,37 @@ def keyed(
 
 
 @triton.jit
-def columns(Sel, Valid, Out, L, C, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sel int8 [B*H, L, C] (a token selection) -> Out uint8 [B*H, C, L // 8]: each key block's column of
-    query rows as bits (row l is bit l % 8 of byte l // 8), what `keyed` scans, with padded queries
-    (Valid == 0) never picked. A tiled transpose: PyTorch's copy of a transposed bool tensor moves bytes one
-    at a time (~3 ms at 55K tokens), and the bits save 7/8 of what the backward keeps."""
+def columns(Sel, Valid, Bits, Counts, L, C, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sel int8 [B*H, L, C] (a token selection) -> Bits uint8 [B*H, C, L // 8]: each key block's column of
+    query rows as bits (row l is bit l % 8 of byte l // 8), with padded queries (Valid == 0) never picked;
+    Counts int32 [B*H, C] (zeroed) += the rows each column picked. A tiled transpose: PyTorch's copy of a
+    transposed bool tensor moves bytes one at a time (~3 ms at 55K tokens), and `compact` reads the bits
+    coalesced."""
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     bh = tl.program_id(2).to(tl.int64)
     inside = (rows[:, None] < L) & (cols[None, :] < C)
     valid = tl.load(Valid + rows, mask=rows < L, other=0)
     picked = tl.load(Sel + (bh * L + rows[:, None]) * C + cols[None, :], mask=inside, other=0)
-    picked = tl.trans((picked * valid[:, None]).to(tl.int32) << (rows % 8)[:, None])  # [BLOCK_C, BLOCK_L]
+    picked = (picked * valid[:, None]).to(tl.int32)
+    tl.atomic_add(Counts + bh * C + cols, tl.sum(picked, 0), mask=cols < C, sem="relaxed")
+    picked = tl.trans(picked << (rows % 8)[:, None])  # [BLOCK_C, BLOCK_L]
     packed = tl.sum(tl.reshape(picked, [BLOCK_C, BLOCK_L // 8, 8]), 2).to(tl.uint8)
     bytes_ = tl.program_id(0) * (BLOCK_L // 8) + tl.arange(0, BLOCK_L // 8)
     mask = (cols[:, None] < C) & (bytes_[None, :] < L // 8)
-    tl.store(Out + (bh * C + cols[:, None]) * (L // 8) + bytes_[None, :], packed, mask=mask)
+    tl.store(Bits + (bh * C + cols[:, None]) * (L // 8) + bytes_[None, :], packed, mask=mask)
+
+
+@triton.jit
+def compact(Bits, Starts, Rows, L, SCAN: tl.constexpr):
+    """Program `cell` of B*H*C: Rows[Starts[cell]:Starts[cell + 1]] = the rows whose bit is set in the
+    column Bits[cell] (uint8 [L // 8]), ascending, so the attention programs read their rows in L order
+    (the accumulator rows their atomics hit are shared and stay in L2)."""
+    cell = tl.program_id(0).to(tl.int64)
+    column = Bits + cell * (L // 8)
+    at = tl.load(Starts + cell)
+    for start in range(0, L, SCAN):
+        offs = start + tl.arange(0, SCAN)
+        picked = (tl.load(column + offs // 8, mask=offs < L, other=0).to(tl.int32) >> (offs % 8)) & 1
+        tl.store(Rows + at + tl.cumsum(picked, 0) - picked, offs, mask=picked != 0)
+        at += tl.sum(picked, 0)

@@ -15,15 +15,14 @@ A program cannot finish a query's softmax alone (the query's other blocks are ot
 - backward: FlashAttention-2's key-centric loop over the gathered tiles, dk and dv in registers, dq by
   `atomic_add`.
 
-Queries are gathered without host syncs or index lists: each program scans its block's column of the
-selection (bits, `[B, H, C, L / 8]`) in L order and appends the selected rows to a small ring buffer
-(positions by cumsum), popping a tile whenever `BLOCK_M` rows are waiting. Programs scan L in step, so the accumulator
-rows their atomics hit are shared and stay in L2.
+The queries come from per-block row lists (`row_lists`, CSR: each key block's selected query rows,
+ascending): a transpose of the selection into bit columns, a count per block, a cumsum, one host sync to
+size the lists (the number of selected pairs, 287 MB of int32 at 55K tokens and 25%), then a compaction.
+The lists make each program's tile loop a counted loop, which Triton software-pipelines; an in-kernel scan
+of the bit columns instead (sync-free) was 16 ms slower at 55K tokens (docs/benchmarks.md, note 17).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -31,9 +30,10 @@ from .gather import has_triton
 from .partition import SAME_ORDER
 
 BLOCK_N = 128  # the partition pads blocks to a multiple of it
-SCAN = 1024  # selection entries read per scan step
-# (gathered queries per tile, keys per program, num_warps) of forward pass 1, pass 2 and the backward.
-TILES = ((64, 128, 4), (64, 128, 4), (32, 128, 8))
+SCAN = 2048  # bits of a column compacted per step of `compact`
+# (gathered queries per tile, keys per program, num_warps, pipeline stages) of forward pass 1, pass 2 and
+# the backward (docs/benchmarks.md, note 17).
+TILES = ((128, 128, 4, 3), (64, 128, 4, 1), (32, 128, 8, 3))
 _DTYPES = (torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 
@@ -58,25 +58,37 @@ def _kernel():
     return keyed
 
 
-def selection_columns(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> torch.Tensor:
-    """bool [B, H, R, C] selection (R = L tokens or C blocks), bool [L] (L % 8 == 0) -> uint8
-    [B, H, C, L // 8]: each key block's column of query rows as bits, padded queries never picked."""
-    from ._keyed_kernels import columns
+def row_lists(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each key block's selected query rows, as CSR lists (one host sync, to size them).
+
+    Args:
+        sel: bool [B, H, R, C] selection (R = L tokens or C blocks); valid: bool [L] (L % 8 == 0);
+            block_slots: slots per block (L = C * block_slots).
+    Returns:
+        starts int64 [B*H*C + 1], rows int32 [pairs]: rows[starts[i]:starts[i + 1]] are the query rows
+        (ascending, padded queries never) that picked block i % C of batch-head i // C.
+    """
+    from ._keyed_kernels import columns, compact
 
     L = valid.shape[0]
     if sel.shape[2] != L:  # block granularity: each block's rows share its selection
         sel = sel.repeat_interleave(block_slots, dim=2)
     B, H, _, C = sel.shape
-    out = torch.empty(B, H, C, L // 8, dtype=torch.uint8, device=sel.device)
+    bits = torch.empty(B, H, C, L // 8, dtype=torch.uint8, device=sel.device)
+    counts = torch.zeros(B * H * C, dtype=torch.int32, device=sel.device)
     grid = (-(-L // 64), -(-C // 64), B * H)
-    columns[grid](
-        sel.contiguous().view(torch.uint8), valid.view(torch.uint8), out, L, C, BLOCK_L=64, BLOCK_C=64
-    )
-    return out
+    sel8, valid8 = sel.contiguous().view(torch.uint8), valid.view(torch.uint8)
+    columns[grid](sel8, valid8, bits, counts, L, C, BLOCK_L=64, BLOCK_C=64)
+    starts = torch.zeros(B * H * C + 1, dtype=torch.int64, device=sel.device)
+    torch.cumsum(counts, 0, out=starts[1:])
+    pairs = int(starts[-1])  # the host sync
+    rows = torch.empty(max(pairs, 1), dtype=torch.int32, device=sel.device)  # never a null pointer
+    compact[(B * H * C,)](bits, starts, rows, L, SCAN=SCAN)
+    return starts, rows
 
 
-def _launch(PASS, q, k, v, do, acc, stat, stat2, dq, dk, dv, columns, valid):
-    """One pass of the `keyed` kernel over block-order q, k, v [B, L, H, D] and the bit columns.
+def _launch(PASS, q, k, v, do, acc, stat, stat2, dq, dk, dv, starts, rows, valid):
+    """One pass of the `keyed` kernel over block-order q, k, v [B, L, H, D] and the row lists.
 
     PASS 0 reads q, k and atomically maxes `stat` (row max, log2 units, [B, H, L]); PASS 1 also reads v and
     `stat`, and adds to `acc` (fp32 [B, L, H, D]) and `stat2` (row sums). PASS 2, the backward, reads
@@ -84,15 +96,13 @@ def _launch(PASS, q, k, v, do, acc, stat, stat2, dq, dk, dv, columns, valid):
     pass does not use may be any tensor (the forward passes one tensor twice).
     """
     B, L, H, D = q.shape
-    C = columns.shape[2]
-    block_m, block_n, warps = TILES[PASS]
+    C = (starts.shape[0] - 1) // (B * H)
+    block_m, block_n, warps, stages = TILES[PASS]
     tiles = L // block_n
-    ring_size = 1 << math.ceil(math.log2(SCAN + block_m))
-    ring = torch.empty(B * H * tiles * ring_size, dtype=torch.int32, device=q.device)
     _kernel()[(tiles, B * H)](
-        q, k, v, do, acc, stat, stat2, dq, dk, dv, columns, valid, ring,
+        q, k, v, do, acc, stat, stat2, dq, dk, dv, starts, rows, valid,
         L, C, H, q.stride(0), q.stride(1), tiles // C, D**-0.5 * _LOG2E, D**-0.5,
-        PASS=PASS, D=D, BLOCK_M=block_m, BLOCK_N=block_n, SCAN=SCAN, RING=ring_size, num_warps=warps,
+        PASS=PASS, D=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps,
     )  # fmt: skip
 
 
@@ -101,32 +111,32 @@ class _Keyed(torch.autograd.Function):
     outside autograd, so on CUDA it is the row gather (`vmoba.gather`) both ways."""
 
     @staticmethod
-    def forward(ctx, q, k, v, columns, valid, order, blocks):
+    def forward(ctx, q, k, v, starts, rows, valid, order, blocks):
         qb, kb, vb = (t.contiguous() for t in (blocks or [order.to_blocks(x) for x in (q, k, v)]))
         B, L, H, D = qb.shape
         row_max = torch.full((B, H, L), -torch.inf, dtype=torch.float32, device=q.device)
         row_sum = torch.zeros_like(row_max)
         acc = torch.zeros(qb.shape, dtype=torch.float32, device=q.device)
         for PASS in (0, 1):
-            _launch(PASS, qb, kb, vb, qb, acc, row_max, row_sum, acc, kb, vb, columns, valid)
+            _launch(PASS, qb, kb, vb, qb, acc, row_max, row_sum, acc, kb, vb, starts, rows, valid)
         # Rows that selected nothing (padding) have sum 0: output 0, lse -inf (log2 units).
         out_b = acc.div_(row_sum.clamp(min=1e-30).transpose(1, 2)[..., None]).to(q.dtype)
         del acc
         lse = row_max + torch.log2(row_sum)
-        ctx.save_for_backward(qb, kb, vb, out_b, lse, columns, valid)
+        ctx.save_for_backward(qb, kb, vb, out_b, lse, starts, rows, valid)
         ctx.order = order
         return order.from_blocks(out_b)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qb, kb, vb, out_b, lse, columns, valid = ctx.saved_tensors
+        qb, kb, vb, out_b, lse, starts, rows, valid = ctx.saved_tensors
         grad_b = ctx.order.to_blocks(grad_out).contiguous()
         delta = (grad_b.float() * out_b.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, L]
         dq = torch.zeros(qb.shape, dtype=torch.float32, device=qb.device)
         dk, dv = torch.empty_like(kb), torch.empty_like(vb)
-        _launch(2, qb, kb, vb, grad_b, dq, lse, delta, dq, dk, dv, columns, valid)
+        _launch(2, qb, kb, vb, grad_b, dq, lse, delta, dq, dk, dv, starts, rows, valid)
         grads = (ctx.order.from_blocks(g) for g in (dq.to(qb.dtype), dk, dv))
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def keyed_attention(
@@ -156,5 +166,5 @@ def keyed_attention(
     L = valid.shape[0]
     if block_slots % BLOCK_N or L % block_slots:
         raise ValueError(f"keyed needs blocks of a multiple of {BLOCK_N} slots, got {block_slots}")
-    columns = selection_columns(sel, valid, block_slots)
-    return _Keyed.apply(q, k, v, columns, valid.view(torch.uint8), order or SAME_ORDER, blocks)
+    starts, rows = row_lists(sel, valid, block_slots)
+    return _Keyed.apply(q, k, v, starts, rows, valid.view(torch.uint8), order or SAME_ORDER, blocks)
