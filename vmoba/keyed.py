@@ -33,7 +33,7 @@ BLOCK_N = 128  # the partition pads blocks to a multiple of it
 SCAN = 2048  # bits of a column compacted per step of `compact`
 # (gathered queries per tile, keys per program, num_warps, pipeline stages) of forward pass 1, pass 2 and
 # the backward (docs/benchmarks.md, note 17).
-TILES = ((128, 128, 4, 3), (64, 128, 4, 1), (32, 128, 8, 3))
+TILES = ((128, 128, 4, 3), (64, 128, 4, 1), (64, 128, 8, 3))
 _DTYPES = (torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 
