@@ -41,6 +41,25 @@ KEYED = """
     assert max(errors) < 4e-3, errors
 """
 
+ROW_LISTS = """
+    import torch
+    from vmoba import keyed
+
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    keyed.SCAN = 64  # the compaction in many steps
+    B, H, C, V = 2, 3, 5, 64
+    L = C * V
+    valid = torch.rand(L) > 0.2
+    for sel, rows_per_block in [(torch.rand(B, H, L, C) < 0.3, 1), (torch.rand(B, H, C, C) < 0.5, V)]:
+        sel[0, 0, :, 1] = False  # a block nobody picked: an empty list
+        starts, rows = keyed.row_lists(sel, valid, V)
+        per_token = sel.repeat_interleave(rows_per_block, dim=2) & valid[:, None]  # [B, H, L, C]
+        want = [torch.nonzero(column).flatten() for column in per_token.transpose(2, 3).reshape(-1, L)]
+        counts = torch.tensor([len(w) for w in want])
+        assert torch.equal(starts, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+        assert torch.equal(rows[: int(starts[-1])].long(), torch.cat(want))
+"""
+
 SELECT = """
     import torch
     from vmoba import selection
@@ -82,7 +101,9 @@ SELECT = """
 
 
 @pytest.mark.parametrize(
-    "script", [KEYED, SELECT], ids=["keyed_attention_vs_fp64", "fused_selection_vs_sort"]
+    "script",
+    [KEYED, ROW_LISTS, SELECT],
+    ids=["keyed_attention_vs_fp64", "keyed_row_lists_vs_nonzero", "fused_selection_vs_sort"],
 )
 def test_triton_kernel_in_the_interpreter(script):
     env = dict(os.environ, TRITON_INTERPRET="1")
