@@ -13,13 +13,13 @@ A program cannot finish a query's softmax alone (the query's other blocks are ot
   to fp32 accumulators (`atomic_add`); out = acc / sum, lse = m + log(sum). The offset only keeps exp in
   range, so the result is exact softmax attention whatever the order of the additions;
 - backward: FlashAttention-2's key-centric loop over the gathered tiles, dk and dv in registers, dq by
-  `atomic_add`.
+  `atomic_add`, its products taken key-major (`s^T = k q^T`: 128 key rows, the shape wgmma wants).
 
 The queries come from per-block row lists (`row_lists`, CSR: each key block's selected query rows,
 ascending): a transpose of the selection into bit columns, a count per block, a cumsum, one host sync to
 size the lists (the number of selected pairs, 287 MB of int32 at 55K tokens and 25%), then a compaction.
 The lists make each program's tile loop a counted loop, which Triton software-pipelines; an in-kernel scan
-of the bit columns instead (sync-free) was 16 ms slower at 55K tokens (docs/benchmarks.md, note 17).
+of the bit columns instead (sync-free) was ~15 ms slower at 55K tokens (docs/benchmarks.md, note 17).
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def row_lists(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple
         sel: bool [B, H, R, C] selection (R = L tokens or C blocks); valid: bool [L] (L % 8 == 0);
             block_slots: slots per block (L = C * block_slots).
     Returns:
-        starts int64 [B*H*C + 1], rows int32 [pairs]: rows[starts[i]:starts[i + 1]] are the query rows
-        (ascending, padded queries never) that picked block i % C of batch-head i // C.
+        starts int64 [B*H*C + 1], rows int32 [max(pairs, 1)]: rows[starts[i]:starts[i + 1]] are the query
+        rows (ascending, padded queries never) that picked block i % C of batch-head i // C.
     """
     from ._keyed_kernels import columns, compact
 
