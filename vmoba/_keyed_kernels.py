@@ -80,6 +80,39 @@ def keyed(
 
 
 @triton.jit
+def _rows_of(N, L, H, D: tl.constexpr, ROWS: tl.constexpr):
+    """This program's ROWS rows of a contiguous [B, L, H, D] tensor seen as N = B*L*H rows of D: (in range
+    [ROWS], offsets [ROWS, D], offsets [ROWS] in a [B, H, L] statistic)."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = r < N
+    h, bl = r % H, r // H
+    stat = ((bl // L) * H + h).to(tl.int64) * L + bl % L
+    offs = r.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    return ok, offs, stat
+
+
+@triton.jit
+def finish(Acc, RowMax, RowSum, Out, Lse, N, L, H, D: tl.constexpr, ROWS: tl.constexpr):
+    """Forward epilogue: Out = Acc / RowSum in Out's dtype (0 where a row selected nothing) and
+    Lse = RowMax + log2(RowSum) (log2 units, -inf there); Acc, Out [B, L, H, D], the others [B, H, L]."""
+    ok, offs, stat = _rows_of(N, L, H, D, ROWS)
+    total = tl.load(RowSum + stat, mask=ok, other=1.0)
+    acc = tl.load(Acc + offs, mask=ok[:, None], other=0.0)
+    out = acc / tl.maximum(total, 1e-30)[:, None]
+    tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=ok[:, None])
+    tl.store(Lse + stat, tl.load(RowMax + stat, mask=ok, other=0.0) + tl.math.log2(total), mask=ok)
+
+
+@triton.jit
+def delta(DO, Out, Delta, N, L, H, D: tl.constexpr, ROWS: tl.constexpr):
+    """Backward prologue: Delta [B, H, L] = rowsum(DO * Out) in fp32; DO, Out [B, L, H, D]."""
+    ok, offs, stat = _rows_of(N, L, H, D, ROWS)
+    do = tl.load(DO + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    out = tl.load(Out + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + stat, tl.sum(do * out, 1), mask=ok)
+
+
+@triton.jit
 def columns(Sel, Valid, Bits, Counts, L, C, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     """Sel int8 [B*H, L, C] (a token selection) -> Bits uint8 [B*H, C, L // 8]: each key block's column of
     query rows as bits (row l is bit l % 8 of byte l // 8), with padded queries (Valid == 0) never picked;

@@ -106,6 +106,15 @@ def _launch(PASS, q, k, v, do, acc, stat, stat2, dq, dk, dv, starts, rows, valid
     )  # fmt: skip
 
 
+def _rowwise(name: str, *tensors: torch.Tensor) -> None:
+    """Run `finish` or `delta` (vmoba/_keyed_kernels.py) over the rows of contiguous [B, L, H, D] tensors."""
+    from . import _keyed_kernels
+
+    B, L, H, D = tensors[0].shape
+    rows = 32
+    getattr(_keyed_kernels, name)[(-(-B * L * H // rows),)](*tensors, B * L * H, L, H, D=D, ROWS=rows)
+
+
 class _Keyed(torch.autograd.Function):
     """out = from_blocks(attention(to_blocks(q), to_blocks(k), to_blocks(v))): the block order is taken
     outside autograd, so on CUDA it is the row gather (`vmoba.gather`) both ways."""
@@ -120,9 +129,9 @@ class _Keyed(torch.autograd.Function):
         for PASS in (0, 1):
             _launch(PASS, qb, kb, vb, qb, acc, row_max, row_sum, acc, kb, vb, starts, rows, valid)
         # Rows that selected nothing (padding) have sum 0: output 0, lse -inf (log2 units).
-        out_b = acc.div_(row_sum.clamp(min=1e-30).transpose(1, 2)[..., None]).to(q.dtype)
+        out_b, lse = torch.empty_like(qb), torch.empty_like(row_max)
+        _rowwise("finish", acc, row_max, row_sum, out_b, lse)
         del acc
-        lse = row_max + torch.log2(row_sum)
         ctx.save_for_backward(qb, kb, vb, out_b, lse, starts, rows, valid)
         ctx.order = order
         return order.from_blocks(out_b)
@@ -131,7 +140,8 @@ class _Keyed(torch.autograd.Function):
     def backward(ctx, grad_out):
         qb, kb, vb, out_b, lse, starts, rows, valid = ctx.saved_tensors
         grad_b = ctx.order.to_blocks(grad_out).contiguous()
-        delta = (grad_b.float() * out_b.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, L]
+        delta = torch.empty_like(lse)  # rowsum(dO * O), [B, H, L]
+        _rowwise("delta", grad_b, out_b, delta)
         dq = torch.zeros(qb.shape, dtype=torch.float32, device=qb.device)
         dk, dv = torch.empty_like(kb), torch.empty_like(vb)
         _launch(2, qb, kb, vb, grad_b, dq, lse, delta, dq, dk, dv, starts, rows, valid)
