@@ -1,7 +1,7 @@
 """Triton kernels of `vmoba.selection`'s per-query rules (query scope) on CUDA; imported on first use.
 
-One program holds `BLOCK_R` rows of fp32 gate scores `[B*H, R, C]` in registers (read, or computed from
-the queries and the keys' block means: `FUSED`) and writes the int8 selection of the same shape. Both rules reduce to "the best `quota` candidates of the row" (ties: lower
+One program holds `BLOCK_R` rows of fp32 gate scores `[B*H, R, C]` in registers and writes the int8
+selection of the same shape. Both rules reduce to "the best `quota` candidates of the row" (ties: lower
 column first, as a stable descending sort); the `quota`-th best key is found bit by bit from the top,
 32 counting passes instead of a sort. The row's own column (block `r // rows_per_block`) is never a
 candidate and always selected; rows with Valid[r] == 0 get their own column only.
@@ -35,46 +35,23 @@ def _best(key, candidate, quota, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _rows(Scores, Q, KMean, Valid, R, C, H, stride_b, stride_r, rows_per_block,
-          D: tl.constexpr, FUSED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-    """This program's rows: (offsets, scores, in-range mask, own-column mask, valid rows [BLOCK_R]).
-
-    The scores are read from Scores [B*H, R, C], or (FUSED) computed as q [B, R, H, D] (any float dtype,
-    batch and row strides `stride_b`, `stride_r`) dotted with the fp32 block means KMean [B, C, H, D], in
-    3-pass TF32 (fp32's accuracy on tensor cores), so the 1.1 GB of fp32 token scores at 55K tokens never
-    reach memory."""
+def _rows(Scores, Valid, R, C, rows_per_block, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's rows: (offsets, scores, in-range mask, own-column mask, valid rows [BLOCK_R])."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     bh = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     inside = (r < R)[:, None] & (cols[None, :] < C)
     offs = (bh * R + r[:, None]) * C + cols[None, :]
-    if FUSED:
-        b, h = bh // H, bh % H
-        q_rows = Q + b * stride_b + r.to(tl.int64)[:, None] * stride_r + h * D
-        k_cols = KMean + ((b * C + cols) * H + h)[None, :] * D
-        x = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-        for d in tl.static_range(0, D, 16):
-            dims = d + tl.arange(0, 16)
-            q = tl.load(q_rows + dims[None, :], mask=(r < R)[:, None], other=0.0).to(tl.float32)
-            k = tl.load(k_cols + dims[:, None], mask=(cols < C)[None, :], other=0.0)
-            x += tl.dot(q, k, input_precision="tf32x3")
-        x = tl.where(inside, x, 0.0)
-    else:
-        x = tl.load(Scores + offs, mask=inside, other=0.0)
+    x = tl.load(Scores + offs, mask=inside, other=0.0)
     own = (cols[None, :] == (r // rows_per_block)[:, None]) & inside
     valid = tl.load(Valid + r, mask=r < R, other=0) != 0
     return offs, x, inside, own, valid
 
 
 @triton.jit
-def topk_rows(
-    Scores, Q, KMean, Out, Valid, R, C, H, stride_b, stride_r, rows_per_block, budget,
-    D: tl.constexpr, FUSED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+def topk_rows(Scores, Out, Valid, R, C, rows_per_block, budget, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Top-k: the `budget` best other columns of each valid row."""
-    offs, x, inside, own, valid = _rows(
-        Scores, Q, KMean, Valid, R, C, H, stride_b, stride_r, rows_per_block, D, FUSED, BLOCK_R, BLOCK_C
-    )
+    offs, x, inside, own, valid = _rows(Scores, Valid, R, C, rows_per_block, BLOCK_R, BLOCK_C)
     candidate = inside & ~own
     picked = _best(_keys(x), candidate, tl.where(valid, budget, 0), BLOCK_R) | own
     tl.store(Out + offs, picked.to(tl.int8), mask=inside)
@@ -82,15 +59,12 @@ def topk_rows(
 
 @triton.jit
 def threshold_rows(
-    Scores, Q, KMean, Out, Valid, R, C, H, stride_b, stride_r, rows_per_block, tau,
-    D: tl.constexpr, FUSED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    Scores, Out, Valid, R, C, rows_per_block, tau, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
 ):  # fmt: skip
     """Threshold: min-max normalise each valid row, n = (x - lo) / span; need = max(tau - n_own / sum(n), 0);
     take the shortest prefix of the other columns by n, descending, whose preceding shares stay below need
     (`vmoba.selection` module docstring), at least one; all of them at tau >= 1."""
-    offs, x, inside, own, valid = _rows(
-        Scores, Q, KMean, Valid, R, C, H, stride_b, stride_r, rows_per_block, D, FUSED, BLOCK_R, BLOCK_C
-    )
+    offs, x, inside, own, valid = _rows(Scores, Valid, R, C, rows_per_block, BLOCK_R, BLOCK_C)
     active = inside & valid[:, None]
     lo = tl.min(tl.where(active, x, float("inf")), 1)
     hi = tl.max(tl.where(active, x, -float("inf")), 1)

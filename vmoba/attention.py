@@ -19,7 +19,7 @@ from .partition import (
     valid_mask,
 )
 from .reference import reference_attention
-from .selection import fuses_gate, gate_select
+from .selection import gate_scores, select_from_scores
 from .tiles import TILE
 
 BACKENDS = ("auto", "reference", "flex", "fa4", "keyed", "flash_varlen")
@@ -82,17 +82,14 @@ def _select(qb, kb, layout: BlockLayout, valid, config: VMoBAConfig, kind: str) 
     rows_per_block = layout.padded_volume if token else 1
 
     def select(heads: slice) -> torch.Tensor:
-        q, k = qb[:, :, heads], kb[:, :, heads]
-        return gate_select(
-            q, k, layout.padded_volume, valid, config.granularity, row_valid, rows_per_block, **rules
+        scores = gate_scores(
+            qb[:, :, heads], kb[:, :, heads], layout.padded_volume, valid, config.granularity
         )
+        return select_from_scores(scores, row_valid, rows_per_block, **rules)
 
     B, _, H, _ = qb.shape
     per_head = B * row_valid.shape[0] * layout.num_blocks * 4
-    chunked = config.scope in ("query", "head") and not fuses_gate(
-        qb, layout.num_blocks, config.granularity, config.scope
-    )  # fp32 scores a few heads at a time; the fused gate never holds them
-    step = max(1, min(H, GATE_CHUNK_BYTES // per_head)) if chunked else H
+    step = H if config.scope not in ("query", "head") else max(1, min(H, GATE_CHUNK_BYTES // per_head))
     if step == H:
         return select(slice(None))
     sel = torch.empty(B, H, row_valid.shape[0], layout.num_blocks, dtype=torch.bool, device=qb.device)

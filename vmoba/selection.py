@@ -126,92 +126,36 @@ def _fused_usable(scores: torch.Tensor) -> bool:
     return scores.is_cuda and scores.dtype == torch.float32 and scores.shape[-1] <= 8192 and has_triton()
 
 
-def _fused_select(
-    scores, row_valid, rows_per_block: int, selection: str, threshold: float, budget: int, q=None, k_mean=None
-):
+def _fused_select(scores, row_valid, rows_per_block: int, selection: str, threshold: float, budget: int):
     """`select_from_scores` in query scope as one Triton pass (`vmoba/_select_kernels.py`): scores fp32
     [B, H, R, C] -> bool [B, H, R, C]. No sort: each row's cut is found bit by bit (32 counting passes in
     registers). Top-k picks exactly what the sort picks (ties to the lower block); the threshold rule
     sums shares in another order than the sort's cumsum, so a row whose cut lies within rounding of
     `need` may take one block more or fewer. 1.1 GB of token scores at 55K tokens: ~3 ms instead of the
-    sort's ~26 (docs/benchmarks.md, note 16).
-
-    With scores None, q [B, R, H, D] (token rows) and k_mean fp32 [B, C, H, D] (`block_means`), the pass
-    computes the scores itself (`fuses_gate`)."""
+    sort's ~26 (docs/benchmarks.md, note 16)."""
     from . import _select_kernels
 
-    if scores is None:
-        (B, R, H, D), C = q.shape, k_mean.shape[1]
-        source = dict(
-            Scores=k_mean, Q=q, KMean=k_mean.contiguous(), stride_b=q.stride(0), stride_r=q.stride(1)
-        )
-    else:
-        (B, H, R, C), D = scores.shape, 16
-        scores = scores.contiguous()
-        source = dict(Scores=scores, Q=scores, KMean=scores, stride_b=0, stride_r=0)
-    picked = torch.empty(B, H, R, C, dtype=torch.int8, device=row_valid.device)
+    B, H, R, C = scores.shape
+    picked = torch.empty(B, H, R, C, dtype=torch.int8, device=scores.device)
     width = 1 << max(0, C - 1).bit_length()
     block_r = max(1, min(16, 8192 // width))
     kernel, rule = (
-        (_select_kernels.topk_rows, dict(budget=budget))
+        (_select_kernels.topk_rows, budget)
         if selection == "topk"
-        else (_select_kernels.threshold_rows, dict(tau=float(threshold)))
+        else (_select_kernels.threshold_rows, float(threshold))
     )
     kernel[(-(-R // block_r), B * H)](
-        **source, Out=picked, Valid=row_valid.to(torch.int8), R=R, C=C, H=H, rows_per_block=rows_per_block,
-        **rule, D=D, FUSED=scores is None, BLOCK_R=block_r, BLOCK_C=width,
-    )  # fmt: skip
-    return picked.view(torch.bool)
-
-
-def fuses_gate(q: torch.Tensor, num_blocks: int, granularity: str, scope: str) -> bool:
-    """Whether `gate_select` computes the token scores inside the fused selection pass: query scope, token
-    granularity, CUDA with Triton, a float q with contiguous heads of D in 16-256 (power of 2), and at
-    most 512 blocks (16 rows of the [rows, blocks] scores per program, the matrix-product minimum)."""
-    from .gather import has_triton
-
-    D = q.shape[-1]
-    return (
-        scope == "query"
-        and granularity == "token"
-        and q.is_cuda
-        and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and D in (16, 32, 64, 128, 256)
-        and q.stride(-1) == 1
-        and q.stride(-2) == D
-        and num_blocks <= 512
-        and has_triton()
+        scores.contiguous(),
+        picked,
+        row_valid.to(torch.int8),
+        R,
+        C,
+        rows_per_block,
+        rule,
+        BLOCK_R=block_r,
+        BLOCK_C=width,
     )
-
-
-def gate_select(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    block_size: int,
-    valid: torch.Tensor,
-    granularity: str,
-    row_valid: torch.Tensor,
-    rows_per_block: int,
-    *,
-    selection: str,
-    scope: str,
-    threshold: float,
-    topk: int,
-) -> torch.Tensor:
-    """`select_from_scores(gate_scores(q, k, ...), row_valid, rows_per_block, ...)`: q, k [B, C*S, H, D] in
-    block order -> bool [B, H, R, C]. Where `fuses_gate`, one Triton pass computes the fp32 scores (in
-    3-pass TF32, fp32's accuracy; a row whose cut is a near-tie within rounding may pick differently from
-    the einsum) and selects, and the [B, H, R, C] fp32 scores never exist."""
-    C = q.shape[1] // block_size
-    rules = dict(selection=selection, threshold=threshold)
-    if fuses_gate(q, C, granularity, scope):
-        with torch.autocast(q.device.type, enabled=False):
-            k_mean = block_means(k, block_size, valid)
-        return _fused_select(
-            None, row_valid, rows_per_block, budget=min(topk, C) - 1, q=q, k_mean=k_mean, **rules
-        )
-    scores = gate_scores(q, k, block_size, valid, granularity)
-    return select_from_scores(scores, row_valid, rows_per_block, scope=scope, topk=topk, **rules)
+    return picked.view(torch.bool)
 
 
 def select_blocks(
@@ -254,10 +198,18 @@ def select_blocks(
         pad = C * block_size - L
         q, k = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k))
         valid = torch.nn.functional.pad(valid, (0, pad))
+    scores = gate_scores(q, k, block_size, valid, granularity)
     token = granularity == "token"
     row_valid = valid if token else torch.ones(C, dtype=torch.bool, device=q.device)
-    rules = dict(selection=selection, scope=scope, threshold=threshold, topk=topk)
-    sel = gate_select(q, k, block_size, valid, granularity, row_valid, block_size if token else 1, **rules)
+    sel = select_from_scores(
+        scores,
+        row_valid,
+        block_size if token else 1,
+        selection=selection,
+        scope=scope,
+        threshold=threshold,
+        topk=topk,
+    )
     return sel[:, :, :L] if granularity == "token" else sel
 
 
