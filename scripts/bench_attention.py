@@ -267,10 +267,8 @@ def gate_and_mask_ms(cfg, kind, layout, q, k, args, backend: str) -> dict:
         return _select(qb, kb, layout, valid, cfg, kind)
 
     sel = gate()
-    if backend == "keyed":
-        mask_ms = timed(lambda: vkeyed.row_lists(sel, valid, layout.padded_volume), args.warmup, args.iters)
-    else:
-        mask_ms = timed(lambda: tile_tables(sel, valid, layout.padded_volume), args.warmup, args.iters)
+    build = vkeyed.row_lists if backend == "keyed" else tile_tables
+    mask_ms = timed(lambda: build(sel, valid, layout.padded_volume), args.warmup, args.iters)
     return {"gate_ms": timed(gate, args.warmup, args.iters), "mask_ms": mask_ms}
 
 

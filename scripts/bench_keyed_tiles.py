@@ -68,9 +68,9 @@ def main(argv=None):
     lse, delta = torch.rand_like(stat) + 5, torch.randn_like(stat)
     dk, dv = torch.empty_like(kb), torch.empty_like(vb)
     passes = {
-        0: lambda: keyed._launch(0, qb, kb, vb, qb, acc, stat, stat2, acc, kb, vb, *lists, valid8),
-        1: lambda: keyed._launch(1, qb, kb, vb, qb, acc, stat, stat2, acc, kb, vb, *lists, valid8),
-        2: lambda: keyed._launch(2, qb, kb, vb, grad, acc, lse, delta, acc, dk, dv, *lists, valid8),
+        0: lambda: keyed._launch(0, qb, kb, vb, acc, stat, stat2, *lists, valid8),
+        1: lambda: keyed._launch(1, qb, kb, vb, acc, stat, stat2, *lists, valid8),
+        2: lambda: keyed._launch(2, qb, kb, vb, acc, lse, delta, *lists, valid8, do=grad, dk=dk, dv=dv),
     }
     print(
         f"L = {L}, density {sel.float().mean().item():.3f}: cuDNN fwd+bwd {cudnn:.2f} ms, gate {gate:.2f} ms"

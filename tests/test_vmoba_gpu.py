@@ -277,7 +277,7 @@ def keyed_or_skip():
     "kind, granularity, D, selection, grid",
     [
         ("3d", "token", 128, "threshold", GRID),  # padded blocks: invalid keys and never-picked queries
-        ("1d", "token", 64, "topk", FA4_GRID),  # 512-slot blocks: four key tiles share one column
+        ("1d", "token", 64, "topk", FA4_GRID),  # 512-slot blocks: four key tiles share one row list
         ("2d", "token", 64, "topk", GRID),
         ("3d", "block", 64, "threshold", GRID),  # block granularity runs as its per-token rows
     ],

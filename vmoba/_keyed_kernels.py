@@ -6,10 +6,11 @@ import triton.language as tl
 
 @triton.jit
 def tile(
-    Q, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, row_ok, k, v, key_ok, dk, dv,
+    Q, DO, Acc, Stat, Stat2, base, stat_base, rows, row_ok, k, v, key_ok, dk, dv,
     stride_l, scale_log2, sm_scale, PASS: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
-    """One gathered tile of queries `rows` [BLOCK_M] against the program's keys; returns (dk, dv)."""
+    """One gathered tile of queries `rows` [BLOCK_M] against the program's keys; returns (dk, dv). Acc is the
+    fp32 [B, L, H, D] accumulator the tile adds its rows to: the output (PASS 1) or dq (PASS 2)."""
     offs_d = tl.arange(0, D)
     row_ptrs = base + rows.to(tl.int64)[:, None] * stride_l + offs_d[None, :]
     q = tl.load(Q + row_ptrs, mask=row_ok[:, None], other=0.0)
@@ -38,13 +39,13 @@ def tile(
         dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q)
         dq = tl.dot(tl.trans(dst.to(k.dtype)), k) * sm_scale
-        tl.atomic_add(DQ + row_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
+        tl.atomic_add(Acc + row_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def keyed(
-    Q, K, Vv, DO, Acc, Stat, Stat2, DQ, DK, DV, Starts, Rows, Valid,
+    Q, K, Vv, DO, Acc, Stat, Stat2, DK, DV, Starts, Rows, Valid,
     L, C, H, stride_b, stride_l, tiles_per_block, scale_log2, sm_scale,
     PASS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
@@ -71,7 +72,7 @@ def keyed(
         row_ok = first + lanes < count
         rows = tl.load(Rows + start + first + lanes, mask=row_ok, other=0)
         dk, dv = tile(
-            Q, DO, Acc, Stat, Stat2, DQ, base, stat_base, rows, row_ok, k, v, key_ok,
+            Q, DO, Acc, Stat, Stat2, base, stat_base, rows, row_ok, k, v, key_ok,
             dk, dv, stride_l, scale_log2, sm_scale, PASS, D,
         )  # fmt: skip
     if PASS == 2:

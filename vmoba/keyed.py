@@ -52,10 +52,11 @@ def unsupported(q: torch.Tensor) -> str | None:
     return None
 
 
-def _kernel():
-    from ._keyed_kernels import keyed
+def _kernels():
+    """vmoba/_keyed_kernels.py, imported on first use (as Triton is)."""
+    from . import _keyed_kernels
 
-    return keyed
+    return _keyed_kernels
 
 
 def row_lists(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +69,6 @@ def row_lists(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple
         starts int64 [B*H*C + 1], rows int32 [max(pairs, 1)]: rows[starts[i]:starts[i + 1]] are the query
         rows (ascending, padded queries never) that picked block i % C of batch-head i // C.
     """
-    from ._keyed_kernels import columns, compact
-
     L = valid.shape[0]
     if sel.shape[2] != L:  # block granularity: each block's rows share its selection
         sel = sel.repeat_interleave(block_slots, dim=2)
@@ -78,41 +77,41 @@ def row_lists(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple
     counts = torch.zeros(B * H * C, dtype=torch.int32, device=sel.device)
     grid = (-(-L // 64), -(-C // 64), B * H)
     sel8, valid8 = sel.contiguous().view(torch.uint8), valid.view(torch.uint8)
-    columns[grid](sel8, valid8, bits, counts, L, C, BLOCK_L=64, BLOCK_C=64)
+    _kernels().columns[grid](sel8, valid8, bits, counts, L, C, BLOCK_L=64, BLOCK_C=64)
     starts = torch.zeros(B * H * C + 1, dtype=torch.int64, device=sel.device)
     torch.cumsum(counts, 0, out=starts[1:])
     pairs = int(starts[-1])  # the host sync
     rows = torch.empty(max(pairs, 1), dtype=torch.int32, device=sel.device)  # never a null pointer
-    compact[(B * H * C,)](bits, starts, rows, L, SCAN=SCAN)
+    _kernels().compact[(B * H * C,)](bits, starts, rows, L, SCAN=SCAN)
     return starts, rows
 
 
-def _launch(PASS, q, k, v, do, acc, stat, stat2, dq, dk, dv, starts, rows, valid):
+def _launch(PASS, q, k, v, acc, stat, stat2, starts, rows, valid, do=None, dk=None, dv=None):
     """One pass of the `keyed` kernel over block-order q, k, v [B, L, H, D] and the row lists.
 
     PASS 0 reads q, k and atomically maxes `stat` (row max, log2 units, [B, H, L]); PASS 1 also reads v and
-    `stat`, and adds to `acc` (fp32 [B, L, H, D]) and `stat2` (row sums). PASS 2, the backward, reads
-    q, k, v, `do`, `stat` (lse) and `stat2` (delta), adds to `dq` (fp32) and writes `dk`, `dv`. Arguments a
-    pass does not use may be any tensor (the forward passes one tensor twice).
+    `stat`, and adds to `acc` (the output's fp32 [B, L, H, D] accumulator) and `stat2` (row sums). PASS 2,
+    the backward, reads q, k, v, `do`, `stat` (lse) and `stat2` (delta), adds dq to `acc` and writes `dk`,
+    `dv` (the backward's only arguments).
     """
     B, L, H, D = q.shape
     C = (starts.shape[0] - 1) // (B * H)
     block_m, block_n, warps, stages = TILES[PASS]
     tiles = L // block_n
-    _kernel()[(tiles, B * H)](
-        q, k, v, do, acc, stat, stat2, dq, dk, dv, starts, rows, valid,
+    # The forward passes q, k, v where do, dk, dv go: pointers its passes never touch.
+    _kernels().keyed[(tiles, B * H)](
+        q, k, v, q if do is None else do, acc, stat, stat2, k if dk is None else dk, v if dv is None else dv,
+        starts, rows, valid,
         L, C, H, q.stride(0), q.stride(1), tiles // C, D**-0.5 * _LOG2E, D**-0.5,
         PASS=PASS, D=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps,
     )  # fmt: skip
 
 
-def _rowwise(name: str, *tensors: torch.Tensor) -> None:
+def _rowwise(kernel, *tensors: torch.Tensor) -> None:
     """Run `finish` or `delta` (vmoba/_keyed_kernels.py) over the rows of contiguous [B, L, H, D] tensors."""
-    from . import _keyed_kernels
-
     B, L, H, D = tensors[0].shape
     rows = 32
-    getattr(_keyed_kernels, name)[(-(-B * L * H // rows),)](*tensors, B * L * H, L, H, D=D, ROWS=rows)
+    kernel[(-(-B * L * H // rows),)](*tensors, B * L * H, L, H, D=D, ROWS=rows)
 
 
 class _Keyed(torch.autograd.Function):
@@ -127,10 +126,10 @@ class _Keyed(torch.autograd.Function):
         row_sum = torch.zeros_like(row_max)
         acc = torch.zeros(qb.shape, dtype=torch.float32, device=q.device)
         for PASS in (0, 1):
-            _launch(PASS, qb, kb, vb, qb, acc, row_max, row_sum, acc, kb, vb, starts, rows, valid)
+            _launch(PASS, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid)
         # Rows that selected nothing (padding) have sum 0: output 0, lse -inf (log2 units).
         out_b, lse = torch.empty_like(qb), torch.empty_like(row_max)
-        _rowwise("finish", acc, row_max, row_sum, out_b, lse)
+        _rowwise(_kernels().finish, acc, row_max, row_sum, out_b, lse)
         del acc
         ctx.save_for_backward(qb, kb, vb, out_b, lse, starts, rows, valid)
         ctx.order = order
@@ -141,10 +140,10 @@ class _Keyed(torch.autograd.Function):
         qb, kb, vb, out_b, lse, starts, rows, valid = ctx.saved_tensors
         grad_b = ctx.order.to_blocks(grad_out).contiguous()
         delta = torch.empty_like(lse)  # rowsum(dO * O), [B, H, L]
-        _rowwise("delta", grad_b, out_b, delta)
+        _rowwise(_kernels().delta, grad_b, out_b, delta)
         dq = torch.zeros(qb.shape, dtype=torch.float32, device=qb.device)
         dk, dv = torch.empty_like(kb), torch.empty_like(vb)
-        _launch(2, qb, kb, vb, grad_b, dq, lse, delta, dq, dk, dv, starts, rows, valid)
+        _launch(2, qb, kb, vb, dq, lse, delta, starts, rows, valid, do=grad_b, dk=dk, dv=dv)
         grads = (ctx.order.from_blocks(g) for g in (dq.to(qb.dtype), dk, dv))
         return (*grads, None, None, None, None, None)
 
