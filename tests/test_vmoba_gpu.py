@@ -291,6 +291,24 @@ def test_keyed_within_flash_attention_rule(kind, granularity, D, selection, grid
     check_flash_attention_rule(keyed.keyed_attention, *block_order(cfg, kind, grid, qkv, keyed.BLOCK_N))
 
 
+@pytest.mark.parametrize("bound", [45.0, 200.0])
+def test_keyed_with_the_norm_bound_or_the_exact_row_max(bound):
+    # q, k scaled so that the largest |q| max|k| / sqrt(D) (log2 units) is `bound`: below the limit the
+    # forward skips its row-max pass, and rows whose true max lies far under the bound must stay exact;
+    # above it the exact row max is computed.
+    keyed = keyed_or_skip()
+    torch.manual_seed(10)
+    cfg = config("3d", "token", selection="topk", topk_3d=4)
+    L = GRID[0] * GRID[1] * GRID[2]
+    qkv = [torch.randn(2, L, 3, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    qb, kb, vb, sel, S, valid = block_order(cfg, "3d", GRID, qkv, keyed.BLOCK_N)
+    scale = (bound / keyed.row_offsets(qb, kb)[0].max()).sqrt()
+    qb, kb = (qb * scale).contiguous(), (kb * scale).contiguous()
+    offsets, usable = keyed.row_offsets(qb, kb)
+    assert bool(usable) == (bound < keyed.BOUND_LIMIT), offsets.max()
+    check_flash_attention_rule(keyed.keyed_attention, qb, kb, vb, sel, S, valid)
+
+
 def test_keyed_with_a_text_prefix_matches_the_reference_with_one_host_sync():
     # The prefix's rows select every block and every row selects its blocks: full row lists.
     keyed_or_skip()

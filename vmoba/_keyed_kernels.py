@@ -45,7 +45,7 @@ def tile(
 
 @triton.jit
 def keyed(
-    Q, K, Vv, DO, Acc, Stat, Stat2, DK, DV, Starts, Rows, Valid,
+    Q, K, Vv, DO, Acc, Stat, Stat2, DK, DV, Starts, Rows, Valid, Skip,
     L, C, H, stride_b, stride_l, tiles_per_block, scale_log2, sm_scale,
     PASS: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
@@ -65,6 +65,8 @@ def keyed(
     cell = bh.to(tl.int64) * C + key_tile // tiles_per_block
     start = tl.load(Starts + cell)
     count = (tl.load(Starts + cell + 1) - start).to(tl.int32)
+    if PASS == 0:  # Skip != 0: the row max is not needed (`vmoba.keyed.row_offsets`)
+        count = tl.where(tl.load(Skip) != 0, 0, count)
     lanes = tl.arange(0, BLOCK_M)
     # A counted loop over the block's row list, which Triton software-pipelines (STAGES): the next tiles'
     # rows are loaded while this one computes (docs/benchmarks.md, note 17).
@@ -105,12 +107,13 @@ def finish(Acc, RowMax, RowSum, Out, Lse, N, L, H, D: tl.constexpr, ROWS: tl.con
 
 
 @triton.jit
-def delta(DO, Out, Delta, N, L, H, D: tl.constexpr, ROWS: tl.constexpr):
-    """Backward prologue: Delta [B, H, L] = rowsum(DO * Out) in fp32; DO, Out [B, L, H, D]."""
+def row_dot(A, B, Out, N, L, H, D: tl.constexpr, ROWS: tl.constexpr):
+    """Out [B, H, L] = rowsum(A * B) in fp32; A, B [B, L, H, D]. The backward's delta = rowsum(dO * O), and
+    the squared row norms of q and k (the forward's offsets)."""
     ok, offs, stat = _rows_of(N, L, H, D, ROWS)
-    do = tl.load(DO + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    out = tl.load(Out + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + stat, tl.sum(do * out, 1), mask=ok)
+    a = tl.load(A + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    b = tl.load(B + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(Out + stat, tl.sum(a * b, 1), mask=ok)
 
 
 @triton.jit

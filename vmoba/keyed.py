@@ -8,10 +8,11 @@ work under a mask. These kernels turn the loop around, as MoBA's varlen scheme d
 
 A program cannot finish a query's softmax alone (the query's other blocks are other programs'), so:
 
-- forward pass 1: each query's exact max logit over its selected keys (`atomic_max`);
-- forward pass 2: with that max as the offset, each program adds `exp(s - m) @ v` and the row sums
-  to fp32 accumulators (`atomic_add`); out = acc / sum, lse = m + log(sum). The offset only keeps exp in
-  range, so the result is exact softmax attention whatever the order of the additions;
+- forward pass 1: each query's exact max logit over its selected keys (`atomic_max`), skipped when a
+  bound from the norms, `|q| max|k| / sqrt(D)`, is close enough (`row_offsets`; bf16);
+- forward pass 2: with that max (or bound) as the offset, each program adds `exp(s - m) @ v` and the row
+  sums to fp32 accumulators (`atomic_add`); out = acc / sum, lse = m + log(sum). The offset only keeps exp
+  in range, so the result is exact softmax attention whatever the order of the additions;
 - backward: FlashAttention-2's key-centric loop over the gathered tiles, dk and dv in registers, dq by
   `atomic_add`, its products taken key-major (`s^T = k q^T`: 128 key rows, the shape wgmma wants).
 
@@ -36,6 +37,8 @@ SCAN = 2048  # bits of a column compacted per step of `compact`
 TILES = ((128, 128, 4, 3), (64, 128, 4, 1), (64, 128, 8, 3))
 _DTYPES = (torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
+# The largest norm bound (log2 units) that may stand in for the exact row max (`row_offsets`).
+BOUND_LIMIT = 51.0
 
 
 def unsupported(q: torch.Tensor) -> str | None:
@@ -86,11 +89,12 @@ def row_lists(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple
     return starts, rows
 
 
-def _launch(PASS, q, k, v, acc, stat, stat2, starts, rows, valid, do=None, dk=None, dv=None):
+def _launch(PASS, q, k, v, acc, stat, stat2, starts, rows, valid, skip=None, do=None, dk=None, dv=None):
     """One pass of the `keyed` kernel over block-order q, k, v [B, L, H, D] and the row lists.
 
-    PASS 0 reads q, k and atomically maxes `stat` (row max, log2 units, [B, H, L]); PASS 1 also reads v and
-    `stat`, and adds to `acc` (the output's fp32 [B, L, H, D] accumulator) and `stat2` (row sums). PASS 2,
+    PASS 0 reads q, k and atomically maxes `stat` (row max, log2 units, [B, H, L]), unless `skip` (bool [] on
+    device) is set; PASS 1 also reads v and `stat`, and adds to `acc` (the output's fp32 [B, L, H, D]
+    accumulator) and `stat2` (row sums). PASS 2,
     the backward, reads q, k, v, `do`, `stat` (lse) and `stat2` (delta), adds dq to `acc` and writes `dk`,
     `dv` (the backward's only arguments).
     """
@@ -101,17 +105,40 @@ def _launch(PASS, q, k, v, acc, stat, stat2, starts, rows, valid, do=None, dk=No
     # The forward passes q, k, v where do, dk, dv go: pointers its passes never touch.
     _kernels().keyed[(tiles, B * H)](
         q, k, v, q if do is None else do, acc, stat, stat2, k if dk is None else dk, v if dv is None else dv,
-        starts, rows, valid,
+        starts, rows, valid, starts if skip is None else skip,  # starts[0] == 0: never skip
         L, C, H, q.stride(0), q.stride(1), tiles // C, D**-0.5 * _LOG2E, D**-0.5,
         PASS=PASS, D=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps,
     )  # fmt: skip
 
 
 def _rowwise(kernel, *tensors: torch.Tensor) -> None:
-    """Run `finish` or `delta` (vmoba/_keyed_kernels.py) over the rows of contiguous [B, L, H, D] tensors."""
+    """Run `finish` or `row_dot` (vmoba/_keyed_kernels.py) over the rows of contiguous [B, L, H, D] tensors."""
     B, L, H, D = tensors[0].shape
     rows = 32
     kernel[(-(-B * L * H // rows),)](*tensors, B * L * H, L, H, D=D, ROWS=rows)
+
+
+def row_offsets(qb: torch.Tensor, kb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax offsets that need no pass over the keys, and whether they may replace the exact row max.
+
+    Row i's max logit over any keys is at most `off_i = |q_i| max_j |k_j| / sqrt(D)` (Cauchy-Schwarz) and at
+    least `-off_i`, so with `off_i` as the offset the largest `p = 2^(s - off_i)` of the row is at least
+    `2^(-2 off_i)`. At `off_i <= BOUND_LIMIT` (51, log2 units) that is >= 2^-102: every p that can change an
+    fp32 sum (within 2^-24 of the row's largest) is a normal number in fp32 and bf16 (down to 2^-126), so
+    the sums keep full relative precision. fp16 keeps the exact max: p is cast to v's dtype for the
+    product, and fp16 flushes p below 2^-24.
+
+    Args:
+        qb, kb: [B, L, H, D] contiguous, fp16 or bf16.
+    Returns:
+        offsets fp32 [B, H, L] (log2 units); usable: bool [] on device (no host sync).
+    """
+    B, L, H, _ = qb.shape
+    q2, k2 = (torch.empty(B, H, L, dtype=torch.float32, device=qb.device) for _ in range(2))
+    _rowwise(_kernels().row_dot, qb, qb, q2)
+    _rowwise(_kernels().row_dot, kb, kb, k2)
+    offsets = (q2 * k2.amax(-1, keepdim=True)).sqrt_() * (qb.shape[-1] ** -0.5 * _LOG2E)
+    return offsets, (offsets.amax() <= BOUND_LIMIT) & (qb.dtype == torch.bfloat16)
 
 
 class _Keyed(torch.autograd.Function):
@@ -121,12 +148,13 @@ class _Keyed(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, starts, rows, valid, order, blocks):
         qb, kb, vb = (t.contiguous() for t in (blocks or [order.to_blocks(x) for x in (q, k, v)]))
-        B, L, H, D = qb.shape
-        row_max = torch.full((B, H, L), -torch.inf, dtype=torch.float32, device=q.device)
+        offsets, bounded = row_offsets(qb, kb)
+        # The bound where it is usable, else -inf for pass 0's exact row max (decided on the device).
+        row_max = torch.where(bounded, offsets, -torch.inf)
         row_sum = torch.zeros_like(row_max)
         acc = torch.zeros(qb.shape, dtype=torch.float32, device=q.device)
         for PASS in (0, 1):
-            _launch(PASS, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid)
+            _launch(PASS, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid, skip=bounded)
         # Rows that selected nothing (padding) have sum 0: output 0, lse -inf (log2 units).
         out_b, lse = torch.empty_like(qb), torch.empty_like(row_max)
         _rowwise(_kernels().finish, acc, row_max, row_sum, out_b, lse)
@@ -140,7 +168,7 @@ class _Keyed(torch.autograd.Function):
         qb, kb, vb, out_b, lse, starts, rows, valid = ctx.saved_tensors
         grad_b = ctx.order.to_blocks(grad_out).contiguous()
         delta = torch.empty_like(lse)  # rowsum(dO * O), [B, H, L]
-        _rowwise(_kernels().delta, grad_b, out_b, delta)
+        _rowwise(_kernels().row_dot, grad_b, out_b, delta)
         dq = torch.zeros(qb.shape, dtype=torch.float32, device=qb.device)
         dk, dv = torch.empty_like(kb), torch.empty_like(vb)
         _launch(2, qb, kb, vb, dq, lse, delta, starts, rows, valid, do=grad_b, dk=dk, dv=dv)
