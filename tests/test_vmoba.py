@@ -289,7 +289,7 @@ def test_dense_first_layers_and_steps():
     assert not torch.allclose(vmoba_attention(q, k, v, GRID, cfg, layer_idx=1), dense)
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 1])  # the gate and the stats a head at a time
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # the gate a head at a time
 @pytest.mark.parametrize("granularity", ["token", "block"])
 def test_stats_and_recall_match_the_oracle_mask(granularity, chunk_bytes, monkeypatch):
     if chunk_bytes:

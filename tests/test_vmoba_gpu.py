@@ -353,3 +353,18 @@ def test_fused_selection_picks_what_the_sort_picks(R, C, V, topk):
         sort = selection.select_from_scores(scores.cpu(), row_valid.cpu(), V, selection="threshold", **args)
         differ = (fused.cpu() != sort).sum(-1)
         assert differ.max() <= 1 and (differ > 0).sum() <= max(1, differ.numel() // 10_000), differ.sum()
+
+
+@pytest.mark.parametrize("L, C, H, D", [(4096, 432, 3, 128), (1000, 7, 2, 64)])
+def test_tensor_core_token_scores_are_as_accurate_as_fp32(L, C, H, D):
+    # A TF32 product would be ~2^13 times less accurate, two bf16 parts of the means ~2^8.
+    from vmoba import selection
+
+    q = torch.randn(2, L, H + 1, D, device="cuda", dtype=torch.bfloat16)[:, :, 1:]  # a head slice
+    k_mean = torch.randn(2, C, H, D, device="cuda")
+    assert selection._tensor_core_scores_usable(q)
+    got = selection._tensor_core_scores(q, k_mean)
+    exact = torch.einsum("brhd,bchd->bhrc", q.double(), k_mean.double())
+    fp32 = torch.einsum("brhd,bchd->bhrc", q.float(), k_mean)
+    err, base = ((x.double() - exact).abs().max().item() for x in (got, fp32))
+    assert err <= 8 * base, f"error {err:.3g} > 8 x fp32's {base:.3g}"

@@ -108,17 +108,16 @@ def selection_stats(sel: torch.Tensor, layout: BlockLayout, valid: torch.Tensor)
          "blocks": [H] mean selected blocks per valid query}.
     """
     counts = valid.view(layout.num_blocks, -1).sum(-1, dtype=torch.float32)  # valid tokens per block
-    rows = valid.float() if sel.shape[2] == valid.shape[0] else counts  # valid queries per row
+    token = sel.shape[2] == valid.shape[0]
+    rows = valid.float() if token else counts  # valid queries per row
     n = float(layout.num_tokens) * sel.shape[0]
     blocks = torch.einsum("bhr,r->h", sel.sum(-1, dtype=torch.float32), rows) / n
-    # The weighted pair count needs sel as floats: a few heads at a time (a token selection's fp32 copy is
-    # 1.1 GB at 55K tokens, and this runs in every sparse layer).
-    step = max(1, GATE_CHUNK_BYTES // (4 * sel[:, :1].numel()))
-    pairs = [
-        torch.einsum("bhrc,r,c->h", sel[:, start : start + step].float(), rows, counts)
-        for start in range(0, sel.shape[1], step)
-    ]
-    density = torch.cat(pairs) / (n * layout.num_tokens)
+    if token:  # rows weigh 0 or 1: count them as bools (an fp32 copy of a token selection is 1.1 GB at 55K
+        # tokens, and this runs in every sparse layer)
+        per_block = (sel & valid[:, None]).sum(2, dtype=torch.float32)  # [B, H, C] valid rows per key block
+    else:
+        per_block = torch.einsum("bhrc,r->bhc", sel.float(), rows)
+    density = torch.einsum("bhc,c->h", per_block, counts) / (n * layout.num_tokens)
     return {"density": density.detach(), "blocks": blocks.detach()}
 
 

@@ -41,8 +41,51 @@ def gate_scores(
     """fp32 gate scores: q, k [B, C*S, H, D] in block order -> [B, H, R, C] (R = C*S tokens or C blocks)."""
     with torch.autocast(q.device.type, enabled=False):  # the gate is fp32 even inside a bf16 autocast region
         k_mean = block_means(k, block_size, valid)  # [B, C, H, D]
+        if granularity == "token" and _tensor_core_scores_usable(q):
+            return _tensor_core_scores(q, k_mean)
         q_rows = q.float() if granularity == "token" else block_means(q, block_size, valid)
         return torch.einsum("brhd,bchd->bhrc", q_rows, k_mean)
+
+
+def _tensor_core_scores_usable(q: torch.Tensor) -> bool:
+    from .gather import has_triton
+
+    return q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] in (16, 32, 64, 128) and has_triton()
+
+
+def _tensor_core_scores(q: torch.Tensor, k_mean: torch.Tensor) -> torch.Tensor:
+    """Token gate scores as three bf16 products on tensor cores (`vmoba/_select_kernels.py`): bf16 q
+    [B, L, H, D] (any row strides), fp32 k_mean [B, C, H, D] -> fp32 [B, H, L, C], the fp32 product within
+    rounding. The einsum's fp32 product at 55K tokens takes ~2.2 ms and an fp32 copy of q; a TF32 setting
+    (`torch.backends.cuda.matmul.allow_tf32`) would also round it to 10 bits, this path never does."""
+    from . import _select_kernels
+
+    hi = k_mean.to(torch.bfloat16)  # k_mean = hi + mid + lo, each part the next 8 bits
+    rest = k_mean - hi.float()
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    B, L, H, D = q.shape
+    C = k_mean.shape[1]
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty(B, H, L, C, dtype=torch.float32, device=q.device)
+    block_l, block_c = 128, 64
+    _select_kernels.token_scores[(-(-L // block_l), -(-C // block_c), B * H)](
+        q,
+        hi,
+        mid,
+        lo,
+        out,
+        L,
+        C,
+        H,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        D=D,
+        BLOCK_L=block_l,
+        BLOCK_C=block_c,
+    )
+    return out
 
 
 def _threshold_sets(x, own, active, tau):
