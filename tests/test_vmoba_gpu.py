@@ -368,3 +368,15 @@ def test_tensor_core_token_scores_are_as_accurate_as_fp32(L, C, H, D):
     fp32 = torch.einsum("brhd,bchd->bhrc", q.float(), k_mean)
     err, base = ((x.double() - exact).abs().max().item() for x in (got, fp32))
     assert err <= 8 * base, f"error {err:.3g} > 8 x fp32's {base:.3g}"
+
+
+def test_selection_stats_of_a_token_selection_match_the_cpu():
+    # The CUDA path counts rows per key block with a Triton pass; the CPU one is checked against the oracle.
+    from vmoba.attention import selection_stats
+
+    layout = block_layout(GRID, "3d", [4, 4, 8], 1)  # padded blocks: invalid rows must not count
+    valid = valid_mask(layout, torch.device("cuda"))
+    sel = torch.rand(2, 3, layout.length, layout.num_blocks, device="cuda") < 0.3
+    gpu, cpu = selection_stats(sel, layout, valid), selection_stats(sel.cpu(), layout, valid.cpu())
+    for key in ("density", "blocks"):
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key])

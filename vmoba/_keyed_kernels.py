@@ -117,12 +117,12 @@ def row_dot(A, B, Out, N, L, H, D: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
-def columns(Sel, Valid, Bits, Counts, L, C, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sel int8 [B*H, L, C] (a token selection) -> Bits uint8 [B*H, C, L // 8]: each key block's column of
-    query rows as bits (row l is bit l % 8 of byte l // 8), with padded queries (Valid == 0) never picked;
-    Counts int32 [B*H, C] (zeroed) += the rows each column picked. A tiled transpose: PyTorch's copy of a
-    transposed bool tensor moves bytes one at a time (~3 ms at 55K tokens), and `compact` reads the bits
-    coalesced."""
+def columns(Sel, Valid, Bits, Counts, L, C, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BITS: tl.constexpr):
+    """Sel int8 [B*H, L, C] (a token selection) -> Counts int32 [B*H, C] (zeroed) += the valid rows (Valid != 0)
+    each column picked; with BITS, also Bits uint8 [B*H, C, L // 8]: each key block's column of query rows
+    as bits (row l is bit l % 8 of byte l // 8), padded queries never picked. A tiled transpose: PyTorch's
+    copy of a transposed bool tensor moves bytes one at a time (~3 ms at 55K tokens), and `compact` reads
+    the bits coalesced."""
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     bh = tl.program_id(2).to(tl.int64)
@@ -131,11 +131,12 @@ def columns(Sel, Valid, Bits, Counts, L, C, BLOCK_L: tl.constexpr, BLOCK_C: tl.c
     picked = tl.load(Sel + (bh * L + rows[:, None]) * C + cols[None, :], mask=inside, other=0)
     picked = (picked * valid[:, None]).to(tl.int32)
     tl.atomic_add(Counts + bh * C + cols, tl.sum(picked, 0), mask=cols < C, sem="relaxed")
-    picked = tl.trans(picked << (rows % 8)[:, None])  # [BLOCK_C, BLOCK_L]
-    packed = tl.sum(tl.reshape(picked, [BLOCK_C, BLOCK_L // 8, 8]), 2).to(tl.uint8)
-    bytes_ = tl.program_id(0) * (BLOCK_L // 8) + tl.arange(0, BLOCK_L // 8)
-    mask = (cols[:, None] < C) & (bytes_[None, :] < L // 8)
-    tl.store(Bits + (bh * C + cols[:, None]) * (L // 8) + bytes_[None, :], packed, mask=mask)
+    if BITS:
+        picked = tl.trans(picked << (rows % 8)[:, None])  # [BLOCK_C, BLOCK_L]
+        packed = tl.sum(tl.reshape(picked, [BLOCK_C, BLOCK_L // 8, 8]), 2).to(tl.uint8)
+        bytes_ = tl.program_id(0) * (BLOCK_L // 8) + tl.arange(0, BLOCK_L // 8)
+        mask = (cols[:, None] < C) & (bytes_[None, :] < L // 8)
+        tl.store(Bits + (bh * C + cols[:, None]) * (L // 8) + bytes_[None, :], packed, mask=mask)
 
 
 @triton.jit

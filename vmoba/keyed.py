@@ -62,6 +62,26 @@ def _kernels():
     return _keyed_kernels
 
 
+def column_counts(sel: torch.Tensor, valid: torch.Tensor, bits: torch.Tensor | None = None) -> torch.Tensor:
+    """Per key block, the valid query rows that picked it: one pass over a token selection, no host sync.
+
+    Args:
+        sel: bool [B, H, L, C]; valid: bool [L]; bits: optional uint8 [B, H, C, L // 8] (L % 8 == 0), filled
+            with each block's column of picked rows as bits (row l is bit l % 8 of byte l // 8).
+    Returns:
+        int32 [B, H, C].
+    """
+    B, H, L, C = sel.shape
+    counts = torch.zeros(B, H, C, dtype=torch.int32, device=sel.device)
+    sel8 = sel.contiguous().view(torch.uint8)
+    grid = (-(-L // 64), -(-C // 64), B * H)
+    _kernels().columns[grid](
+        sel8, valid.view(torch.uint8), sel8 if bits is None else bits, counts, L, C,
+        BLOCK_L=64, BLOCK_C=64, BITS=bits is not None,
+    )  # fmt: skip
+    return counts
+
+
 def row_lists(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each key block's selected query rows, as CSR lists (one host sync, to size them).
 
@@ -77,12 +97,9 @@ def row_lists(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple
         sel = sel.repeat_interleave(block_slots, dim=2)
     B, H, _, C = sel.shape
     bits = torch.empty(B, H, C, L // 8, dtype=torch.uint8, device=sel.device)
-    counts = torch.zeros(B * H * C, dtype=torch.int32, device=sel.device)
-    grid = (-(-L // 64), -(-C // 64), B * H)
-    sel8, valid8 = sel.contiguous().view(torch.uint8), valid.view(torch.uint8)
-    _kernels().columns[grid](sel8, valid8, bits, counts, L, C, BLOCK_L=64, BLOCK_C=64)
+    counts = column_counts(sel, valid, bits)
     starts = torch.zeros(B * H * C + 1, dtype=torch.int64, device=sel.device)
-    torch.cumsum(counts, 0, out=starts[1:])
+    torch.cumsum(counts.view(-1), 0, out=starts[1:])
     pairs = int(starts[-1])  # the host sync
     rows = torch.empty(max(pairs, 1), dtype=torch.int32, device=sel.device)  # never a null pointer
     _kernels().compact[(B * H * C,)](bits, starts, rows, L, SCAN=SCAN)
