@@ -111,9 +111,8 @@ def _launch(PASS, q, k, v, acc, stat, stat2, starts, rows, valid, skip=None, do=
 
     PASS 0 reads q, k and atomically maxes `stat` (row max, log2 units, [B, H, L]), unless `skip` (bool [] on
     device) is set; PASS 1 also reads v and `stat`, and adds to `acc` (the output's fp32 [B, L, H, D]
-    accumulator) and `stat2` (row sums). PASS 2,
-    the backward, reads q, k, v, `do`, `stat` (lse) and `stat2` (delta), adds dq to `acc` and writes `dk`,
-    `dv` (the backward's only arguments).
+    accumulator) and `stat2` (row sums). PASS 2, the backward, reads q, k, v, `do`, `stat` (lse) and `stat2`
+    (delta), adds dq to `acc` and writes `dk`, `dv` (the backward's only arguments).
     """
     B, L, H, D = q.shape
     C = (starts.shape[0] - 1) // (B * H)
