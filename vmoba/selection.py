@@ -50,7 +50,9 @@ def gate_scores(
 def _tensor_core_scores_usable(q: torch.Tensor) -> bool:
     from .gather import has_triton
 
-    return q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] in (16, 32, 64, 128) and has_triton()
+    if not (q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] in (16, 32, 64, 128) and has_triton()):
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] >= 8  # bf16 tensor cores: Ampere and later
 
 
 def _tensor_core_scores(q: torch.Tensor, k_mean: torch.Tensor) -> torch.Tensor:
