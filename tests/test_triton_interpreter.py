@@ -58,6 +58,37 @@ ROW_LISTS = """
         counts = torch.tensor([len(w) for w in want])
         assert torch.equal(starts, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
         assert torch.equal(rows[: int(starts[-1])].long(), torch.cat(want))
+        # The same pass without the bit columns (the statistics' per-block counts).
+        assert torch.equal(keyed.column_counts(per_token, valid).flatten().long(), counts)
+"""
+
+ROW_MAX = """
+    import torch
+    from vmoba import keyed
+    from vmoba.reference import token_mask
+
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    B, C, V, H, D = 1, 3, 128, 2, 32
+    L = C * V
+    valid = torch.rand(L) > 0.1
+    sel = (torch.rand(B, H, L, C) < 0.5) | (torch.arange(L)[:, None] // V == torch.arange(C))
+    qb, kb, vb = (torch.randn(B, L, H, D, dtype=torch.float16) * valid[:, None, None] for _ in range(3))
+    starts, rows = keyed.row_lists(sel, valid, V)
+    mask = token_mask(sel, V, valid) & valid[:, None]  # [B, H, L, L], padded query rows empty
+    logits = torch.einsum("bqhd,bkhd->bhqk", qb.double(), kb.double()) * D**-0.5 * 1.4426950408889634
+    true_max = logits.masked_fill(~mask, -torch.inf).amax(-1)  # [B, H, L], log2 units
+    picked = mask.any(-1)
+    offsets, usable = keyed.row_offsets(qb, kb)
+    assert not bool(usable), "fp16 keeps the exact row max"
+    assert (offsets.double()[picked] >= true_max[picked] - 1e-3).all(), "the norm bound is an upper bound"
+    acc, row_sum = torch.zeros(qb.shape), torch.zeros(B, H, L)
+    for skip in (True, False):
+        stat = torch.full((B, H, L), -torch.inf)
+        keyed._launch(0, qb, kb, vb, acc, stat, row_sum, starts, rows, valid.view(torch.uint8), skip=torch.tensor(skip))
+        if skip:  # the pass ran no tiles
+            assert (stat == -torch.inf).all()
+        else:
+            assert torch.allclose(stat.double()[picked], true_max[picked], atol=1e-3), "exact row max"
 """
 
 SELECT = """
@@ -102,8 +133,13 @@ SELECT = """
 
 @pytest.mark.parametrize(
     "script",
-    [KEYED, ROW_LISTS, SELECT],
-    ids=["keyed_attention_vs_fp64", "keyed_row_lists_vs_nonzero", "fused_selection_vs_sort"],
+    [KEYED, ROW_LISTS, ROW_MAX, SELECT],
+    ids=[
+        "keyed_attention_vs_fp64",
+        "keyed_row_lists_vs_nonzero",
+        "keyed_row_max_or_bound",
+        "fused_selection_vs_sort",
+    ],
 )
 def test_triton_kernel_in_the_interpreter(script):
     env = dict(os.environ, TRITON_INTERPRET="1")

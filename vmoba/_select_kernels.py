@@ -56,7 +56,7 @@ def _best(key, candidate, quota, BLOCK_R: tl.constexpr):
     i = 0
     # Once count(key >= t) == quota in every row, the lower bits cannot change the picks (the keys >= the
     # final t are these same quota keys), so the search stops early: fp32 scores need ~20 of the 32 passes.
-    while (i < 32) & (tl.max(tl.abs(count - quota), 0) != 0):
+    while (i < 32) & (tl.sum((count != quota).to(tl.int32), 0) > 0):
         trial = t | (one << tl.cast(31 - i, tl.uint32))
         n = tl.sum((key >= trial[:, None]).to(tl.int32), 1)
         t = tl.where(n >= quota, trial, t)

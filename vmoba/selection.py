@@ -72,21 +72,8 @@ def _tensor_core_scores(q: torch.Tensor, k_mean: torch.Tensor) -> torch.Tensor:
     out = torch.empty(B, H, L, C, dtype=torch.float32, device=q.device)
     block_l, block_c = 128, 64
     _select_kernels.token_scores[(-(-L // block_l), -(-C // block_c), B * H)](
-        q,
-        hi,
-        mid,
-        lo,
-        out,
-        L,
-        C,
-        H,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        D=D,
-        BLOCK_L=block_l,
-        BLOCK_C=block_c,
-    )
+        q, hi, mid, lo, out, L, C, H, q.stride(0), q.stride(1), q.stride(2), D=D, BLOCK_L=block_l, BLOCK_C=block_c,
+    )  # fmt: skip
     return out
 
 
