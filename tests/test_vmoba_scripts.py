@@ -40,7 +40,14 @@ def test_bench_attention_options_parse():
     assert token.token_thresholds == [0.25, 0.5] and bench.parse_args([]).token_thresholds == []
 
 
-def test_bench_keyed_tiles_says_it_needs_a_gpu():
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("bench_keyed_tiles", ["--tiles", "64,128,4,1"], "needs a CUDA GPU"),
+        ("bench_scatter", ["--density", "0.5"], "needs an sm90+ CUDA GPU"),
+    ],
+)
+def test_gpu_benchmarks_say_they_need_a_gpu(script, args, message):
     import subprocess
     import sys
 
@@ -49,9 +56,9 @@ def test_bench_keyed_tiles_says_it_needs_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU message")
     run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_keyed_tiles.py"), "--tiles", "64,128,4,1"],
+        [sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert run.returncode != 0 and "needs a CUDA GPU" in run.stderr
+    assert run.returncode != 0 and message in run.stderr

@@ -1,0 +1,94 @@
+// Kernels of scripts/bench_scatter.py: each program (key block c, head h) adds one 512-byte fp32 row
+// (D = 128) per query row of its list to acc [L, H, D], as the `keyed` kernels add partial outputs and dq.
+// The four ways differ only in how the bytes leave the SM.
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace {
+
+constexpr int D = 128, TILE = 64, THREADS = 128;
+enum Mode { RED_V4 = 0, SCATTER_STORE = 1, BULK_REDUCE = 2, CONTIGUOUS_STORE = 3 };
+
+struct Lists {
+  const int64_t* starts;  // [H * C + 1]
+  const int* rows;        // rows of program (c, h): rows[starts[h * C + c] : starts[h * C + c + 1]]
+  int H, C, L, window;    // rows are folded into [0, window) (window == L: no folding)
+};
+
+__device__ __forceinline__ float* row_ptr(float* acc, const Lists& s, int row, int h) {
+  return acc + ((int64_t)(row % s.window) * s.H + h) * D;
+}
+
+// Registers straight to memory, as Triton's tl.atomic_add / tl.store of a [TILE, D] tile: each warp
+// writes rows w, w + 4, ... of the tile, each lane 4 floats (16 bytes) of a row.
+template <int MODE>
+__global__ void from_registers(float* acc, Lists s) {
+  const int c = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t first_pair = s.starts[(int64_t)h * s.C + c];
+  const int n = (int)(s.starts[(int64_t)h * s.C + c + 1] - first_pair);
+  const float4 one = make_float4(1.f, 1.f, 1.f, 1.f);
+  for (int first = 0; first < n; first += TILE) {
+#pragma unroll
+    for (int i = 0; i < TILE / 4; ++i) {
+      const int r = first + w + 4 * i;
+      if (r >= n) continue;
+      // CONTIGUOUS_STORE: the program's rows back to back (the same bytes, no scatter)
+      float* p = (MODE == CONTIGUOUS_STORE ? acc + ((first_pair + r) % ((int64_t)s.L * s.H)) * D
+                                           : row_ptr(acc, s, s.rows[first_pair + r], h)) + lane * 4;
+      if (MODE == RED_V4)
+        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(one.x), "f"(one.y),
+                     "f"(one.z), "f"(one.w) : "memory");
+      else
+        *reinterpret_cast<float4*>(p) = one;
+    }
+  }
+}
+
+// FlashAttention-3's way for dq: the tile staged in shared memory (double-buffered), then one
+// cp.reduce.async.bulk (TMA bulk reduce-add) per 512-byte row, issued by warp 0.
+__global__ void bulk_reduce(float* acc, Lists s) {
+  extern __shared__ __align__(128) float smem[];
+  const int c = blockIdx.x, h = blockIdx.y, t = threadIdx.x;
+  const int64_t first_pair = s.starts[(int64_t)h * s.C + c];
+  const int n = (int)(s.starts[(int64_t)h * s.C + c + 1] - first_pair);
+  for (int first = 0, tile = 0; first < n; first += TILE, ++tile) {
+    float* buf = smem + (tile & 1) * TILE * D;
+    // The buffer written two tiles ago must have been read by its bulk copies before it is rewritten.
+    if (tile >= 2 && t < 32) asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+    __syncthreads();
+    for (int i = t; i < TILE * D / 4; i += THREADS) reinterpret_cast<float4*>(buf)[i] = make_float4(1.f, 1.f, 1.f, 1.f);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy writes -> TMA reads
+    __syncthreads();
+    if (t < 32) {
+      for (int r = t; r < TILE && first + r < n; r += 32) {
+        float* g = row_ptr(acc, s, s.rows[first_pair + first + r], h);
+        const uint32_t src = (uint32_t)__cvta_generic_to_shared(buf + r * D);
+        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(g),
+                     "r"(src), "r"(D * 4) : "memory");
+      }
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
+  }
+  if (t < 32) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+}  // namespace
+
+extern "C" int scatter(int mode, float* acc, const int64_t* starts, const int* rows, int H, int C, int L,
+                       int window, cudaStream_t stream) {
+  const Lists s{starts, rows, H, C, L, window};
+  const dim3 grid(C, H);
+  switch (mode) {
+    case RED_V4: from_registers<RED_V4><<<grid, THREADS, 0, stream>>>(acc, s); break;
+    case SCATTER_STORE: from_registers<SCATTER_STORE><<<grid, THREADS, 0, stream>>>(acc, s); break;
+    case CONTIGUOUS_STORE: from_registers<CONTIGUOUS_STORE><<<grid, THREADS, 0, stream>>>(acc, s); break;
+    case BULK_REDUCE: {
+      const int bytes = 2 * TILE * D * 4;
+      cudaFuncSetAttribute(bulk_reduce, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      bulk_reduce<<<grid, THREADS, bytes, stream>>>(acc, s);
+      break;
+    }
+    default: return -1;
+  }
+  return (int)cudaGetLastError();
+}
