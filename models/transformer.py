@@ -11,6 +11,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from models.cogvideox import COGVIDEOX_ARCHS
 from models.config import TransformerConfig
+from models.wan_block import fuse_wan_blocks
 
 
 class Arch(NamedTuple):
@@ -65,7 +66,8 @@ def build_transformer(cfg: TransformerConfig) -> ModelMixin:
 
     `cfg.pretrained` loads through diffusers `AutoModel.from_pretrained` (local folder or hub id; the
     class comes from the folder's config.json, so any family loads); otherwise `cfg.arch` is built with
-    random weights drawn from `cfg.seed` without touching the global RNG.
+    random weights drawn from `cfg.seed` without touching the global RNG. Wan blocks get their elementwise
+    chains fused on CUDA (`models.wan_block`; same weights, same math).
     """
     dtype = getattr(torch, cfg.dtype)
     if cfg.pretrained is not None:
@@ -84,4 +86,6 @@ def build_transformer(cfg: TransformerConfig) -> ModelMixin:
             model = TRANSFORMER_ARCHS[cfg.arch].build()
         if dtype != torch.float32:  # built in fp32; skip a no-op cast (diffusers warns on every `.to`)
             model = model.to(dtype)
+    if isinstance(model, WanTransformer3DModel):
+        fuse_wan_blocks(model)
     return model.train()

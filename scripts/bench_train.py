@@ -34,6 +34,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from models.attention import install_attention  # noqa: E402
 from models.config import AttentionConfig, TransformerConfig, from_hydra  # noqa: E402
 from models.transformer import TRANSFORMER_ARCHS, build_transformer  # noqa: E402
+from models.wan_block import fuse_wan_blocks  # noqa: E402
 from training.engine import init_distributed  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -72,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU"
     )
     p.add_argument("--no-checkpointing", action="store_true", help="disable activation checkpointing")
+    p.add_argument(
+        "--diffusers-blocks",
+        action="store_true",
+        help="diffusers' own Wan blocks, without the fused elementwise chains of models.wan_block",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -140,6 +146,8 @@ def main(argv=None) -> list[dict]:
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     model = build_transformer(TransformerConfig(arch=args.arch, seed=args.seed))
+    if args.diffusers_blocks:
+        fuse_wan_blocks(model, fused=False)
     if not args.no_checkpointing:
         model.enable_gradient_checkpointing()
     engine = make_engine(model, bf16)
@@ -185,7 +193,8 @@ def main(argv=None) -> list[dict]:
     device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(
         f"\n{args.arch}, grid {T}x{H}x{W} = {tokens:,} video tokens + {args.text_len} text, "
-        f"{'bf16' if bf16 else 'fp32'}, ZeRO-2, checkpointing={not args.no_checkpointing}, {device_name}, "
+        f"{'bf16' if bf16 else 'fp32'}, ZeRO-2, checkpointing={not args.no_checkpointing}, "
+        f"{'diffusers' if args.diffusers_blocks else 'fused'} Wan blocks, {device_name}, "
         f"median of {args.steps} steps after {args.warmup} warmup\n"
     )
     print("| attention | step (s) | video tokens/s | peak mem (GiB) | mean density | speedup vs full |")

@@ -18,6 +18,7 @@ from models.attention import FullAttention, VMoBAAttention, install_attention
 from models.config import AttentionConfig, ModelConfig, TransformerConfig, from_hydra
 from models.encoders import TEXT_ARCHS, VAE_ARCHS
 from models.transformer import TRANSFORMER_ARCHS, build_transformer
+from models.wan_block import FusedWanTransformerBlock, fuse_wan_blocks
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Tiny demo grid blocks (configs/attention/vmoba.yaml): several blocks in every partition of 5x8x8.
@@ -163,6 +164,44 @@ def test_save_pretrained_roundtrip_gives_equal_outputs(tmp_path, subfolder):
 def test_missing_pretrained_names_the_key(tmp_path):
     with pytest.raises(OSError, match=r"model\.transformer\.pretrained=.*nowhere"):
         build_transformer(TransformerConfig(arch=None, pretrained=str(tmp_path / "nowhere")))
+
+
+# ---------------------------------------------------------------- fused Wan blocks
+
+
+@pytest.mark.parametrize("cross_attn_norm", [False, True])
+@pytest.mark.parametrize("per_token_temb", [False, True])  # Wan 2.1 / Wan 2.2 TI2V modulation
+def test_fused_wan_block_is_bitwise_the_diffusers_block(cross_attn_norm, per_token_temb):
+    """On the CPU the fused block runs the same ops eagerly: outputs and every gradient bitwise equal."""
+    torch.manual_seed(0)
+    plain = transformer_wan.WanTransformerBlock(48, 64, 2, cross_attn_norm=cross_attn_norm)
+    with torch.no_grad():  # diffusers inits norm2 to 1 / 0: make the affine path matter
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fused = transformer_wan.WanTransformerBlock(48, 64, 2, cross_attn_norm=cross_attn_norm)
+    fused.load_state_dict(plain.state_dict())
+    assert fuse_wan_blocks(fused) == 1 and type(fused) is FusedWanTransformerBlock
+    x, context = torch.randn(2, 10, 48), torch.randn(2, 7, 48)
+    temb = torch.randn(2, 10, 6, 48) if per_token_temb else torch.randn(2, 6, 48)
+    weight = torch.randn(2, 10, 48)
+    results = []
+    for block in (plain, fused):
+        leaves = [t.clone().requires_grad_() for t in (x, context, temb)]
+        out = block(*leaves, None)
+        grads = torch.autograd.grad((out * weight).sum(), [*leaves, *block.parameters()])
+        results.append((out, *grads))
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
+def test_build_transformer_fuses_every_wan_block_and_keeps_the_outputs():
+    model, inputs = _wan(torch.float32), _inputs(dtype=torch.float32)
+    assert all(type(b) is FusedWanTransformerBlock for b in model.blocks)
+    fused = _run(model, inputs)
+    assert fuse_wan_blocks(model, fused=False) == len(model.blocks)  # back to diffusers' forward
+    assert all(type(b) is transformer_wan.WanTransformerBlock for b in model.blocks)
+    assert torch.equal(_run(model, inputs), fused)
+    assert fuse_wan_blocks(model) == len(model.blocks) and fuse_wan_blocks(model) == 0
 
 
 # ---------------------------------------------------------------- Wan processors

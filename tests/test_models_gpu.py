@@ -1,9 +1,14 @@
-"""Model-side kernels on a GPU: the fused (compiled) Wan RoPE against a float64 reference."""
+"""Model-side kernels on a GPU: the fused (compiled) Wan RoPE and Wan block against float64 references."""
+
+import copy
 
 import pytest
 import torch
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
+from models import wan_block
 from models.attention import _wan_rope, wan_rope
+from models.wan_block import fuse_wan_blocks
 
 pytestmark = pytest.mark.gpu
 
@@ -29,3 +34,79 @@ def test_fused_wan_rope_matches_float64_forward_and_backward(length):
         # bf16 rounding of the output is the only error source: the fused kernel is as accurate as eager.
         assert err <= 2 * base_err + 1e-3, (err, base_err)
         assert err < 0.05 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1: the [1, 1, C] modulation Inductor's backward mis-shapes
+@pytest.mark.parametrize("per_token_temb", [False, True])
+def test_fused_wan_block_matches_float64_forward_and_backward(per_token_temb, batch):
+    """The compiled elementwise chains (and their backward, incl. the broadcast modulation table's
+    gradient, which compiling the whole block gets wrong: docs/benchmarks.md note 15) are as accurate as
+    diffusers' eager block, both measured against the block in float64."""
+    B, L, C = batch, 1000, 256
+    plain = WanTransformerBlock(C, 512, 2, cross_attn_norm=True).cuda()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fused = copy.deepcopy(plain)
+    assert fuse_wan_blocks(fused) == 1
+    x, context, weight = (
+        torch.randn(B, L, C, device="cuda"),
+        torch.randn(B, 7, C, device="cuda"),
+        torch.randn(B, L, C, device="cuda"),
+    )
+    temb = torch.randn(B, L, 6, C, device="cuda") if per_token_temb else torch.randn(B, 6, C, device="cuda")
+
+    def fwd_bwd(block, dtype):
+        block = copy.deepcopy(block).to(dtype)
+        leaves = [t.to(dtype).requires_grad_() for t in (x, context)]
+        out = block(*leaves, temb.to(dtype), None)
+        grads = torch.autograd.grad(
+            (out * weight.to(dtype)).sum(), [*leaves, block.scale_shift_table, block.norm2.weight]
+        )
+        return out, *grads
+
+    ref = fwd_bwd(plain, torch.float64)
+    for got, base, want in zip(fwd_bwd(fused, torch.bfloat16), fwd_bwd(plain, torch.bfloat16), ref):
+        assert got.shape == want.shape
+        err, base_err = ((t.double() - want).abs().max().item() for t in (got, base))
+        assert err <= 2 * base_err + 1e-3 * want.abs().max().item(), (err, base_err)
+
+
+@pytest.mark.parametrize("batch, length", [(1, 55296), (2, 3000)])  # (1, 55296): bench_train's shapes
+def test_fused_wan_chains_match_float64_at_training_shapes(batch, length):
+    """The three compiled chains, forward and backward, at the shapes where Inductor's backward
+    mis-shaped the [1, 1, C] modulation's gradient (a split reduction over 55K rows; pytorch#178080)."""
+    C, eps = 1536, 1e-6
+    x, y, weight = (torch.randn(batch, length, C, device="cuda") for _ in range(3))
+    table, temb = torch.randn(1, 6, C, device="cuda") / C**0.5, torch.randn(batch, 6, C, device="cuda")
+    norm = torch.nn.LayerNorm(C, device="cuda")
+    with torch.no_grad():
+        (
+            norm.weight.add_(torch.randn_like(norm.weight) * 0.1),
+            norm.bias.add_(torch.randn_like(norm.bias) * 0.1),
+        )
+
+    def fwd_bwd(dtype, fused):
+        xl, yl, tl = (t.to(dtype).requires_grad_() for t in (x, y, table))
+        ln = copy.deepcopy(norm).to(dtype)
+        shift, scale, gate = (tl + temb.to(torch.promote_types(dtype, torch.float32))).chunk(6, dim=1)[:3]
+        if fused:
+            outs = (
+                wan_block.modulated_norm(xl, scale, shift, eps),
+                wan_block.gated_residual(xl, yl, gate),
+                wan_block.affine_norm(xl, ln),
+            )
+        else:  # the eager functions diffusers' ops amount to
+            outs = (
+                wan_block._modulated_norm(xl, scale.flatten(), shift.flatten(), eps),
+                wan_block._gated_residual(xl, yl, gate.flatten()),
+                wan_block._affine_norm(xl, ln.weight, ln.bias, eps),
+            )
+        loss = sum((o.double() * weight.double()).sum() for o in outs)
+        return *outs, *torch.autograd.grad(loss, [xl, yl, tl, ln.weight, ln.bias])
+
+    ref = fwd_bwd(torch.float64, fused=False)
+    for got, base, want in zip(fwd_bwd(torch.bfloat16, True), fwd_bwd(torch.bfloat16, False), ref):
+        assert got.shape == want.shape and got.dtype == base.dtype
+        err, base_err = ((t.double() - want).abs().max().item() for t in (got, base))
+        assert err <= 2 * base_err + 1e-3 * want.abs().max().item(), (err, base_err)
