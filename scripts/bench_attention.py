@@ -180,8 +180,8 @@ def measure(name, fn, q, k, v, args) -> dict:
     return row
 
 
-def print_profile(name: str, fn, iters: int = 3) -> None:
-    """The CUDA-time breakdown (kernels, copies, gate ops) of `iters` calls of `fn`, per call."""
+def print_profile(name: str, fn, iters: int = 3, rows: int = 12) -> None:
+    """The CUDA-time breakdown (kernels, copies, gate ops) of `iters` calls of `fn`: the `rows` largest."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -189,7 +189,9 @@ def print_profile(name: str, fn, iters: int = 3) -> None:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60)
+    table = prof.key_averages().table(
+        sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60
+    )
     print(f"# profile of {name}, {iters} calls (divide totals by {iters}):\n{table}", flush=True)
 
 

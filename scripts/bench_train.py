@@ -29,6 +29,7 @@ if not torch.cuda.is_available():  # DeepSpeed picks its accelerator at import t
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import deepspeed  # noqa: E402
+from bench_attention import print_profile  # noqa: E402  (this script's folder is on sys.path)
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from models.attention import install_attention  # noqa: E402
@@ -77,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--diffusers-blocks",
         action="store_true",
         help="diffusers' own Wan blocks, without the fused elementwise chains of models.wan_block",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="after timing, print the CUDA-time breakdown of one more step"
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -178,6 +182,8 @@ def main(argv=None) -> list[dict]:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         times = [train_step(engine, batch, sync) for _ in range(args.steps)]
+        if args.profile and cuda:
+            print_profile(name, lambda: train_step(engine, batch, sync), iters=1, rows=30)
         density = [v for k, v in controller.stats().items() if k.startswith("density/")]
         rows.append(
             {
