@@ -14,7 +14,6 @@ transformer that sets the token grid `(F/pt, H/ph, W/pw)` on the controller at e
 selection is a deterministic function of `q, k`, so activation checkpointing recomputes the same mask.
 """
 
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -26,6 +25,7 @@ from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv
 import vmoba
 from models.cogvideox import CogVideoXSelfAttnProcessor, cogvideox_grid, cogvideox_self_attention
 from models.config import AttentionConfig
+from models.wan_block import fused_on_cuda
 
 Grid = tuple[int, int, int]
 
@@ -145,16 +145,10 @@ def _wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor)
 
 # Eagerly, RoPE is ~8 fp32 elementwise kernels per tensor: 4.1 ms forward+backward for one
 # [1, 55296, 12, 128] bf16 tensor on an H100, ~0.37 s of a Wan-2.1-1.3B training step (q and k, 30
-# layers, forward + checkpoint recompute + backward). Inductor fuses it into one kernel each way
-# (0.54 ms). CPU keeps the eager function: no compiler toolchain needed, and it is not a hot path there.
-@functools.cache
-def _fused_wan_rope():
-    return torch.compile(_wan_rope)
-
-
+# layers, forward + checkpoint recompute + backward). Inductor fuses it into one kernel each way (0.54 ms).
 def wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
     """`_wan_rope`, compiled into one fused kernel on CUDA."""
-    return (_fused_wan_rope() if x.is_cuda else _wan_rope)(x, freqs_cos, freqs_sin)
+    return fused_on_cuda(_wan_rope, x)(x, freqs_cos, freqs_sin)
 
 
 class WanSelfAttnProcessor:

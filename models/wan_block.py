@@ -47,8 +47,9 @@ def _compiled(fn):
     return torch.compile(fn)
 
 
-def _fused(fn, x: torch.Tensor):
-    """`fn` compiled by Inductor for CUDA tensors (one fused kernel each way); eager elsewhere."""
+def fused_on_cuda(fn, x: torch.Tensor):
+    """`fn` compiled by Inductor (one fused kernel each way) when x is a CUDA tensor, else `fn` itself: the
+    CPU needs no compiler toolchain and is not a hot path."""
     return _compiled(fn) if x.is_cuda else fn
 
 
@@ -56,17 +57,17 @@ def _fused(fn, x: torch.Tensor):
 # gives them a [C] gradient, which autograd rejects (pytorch/pytorch#178080, note 15's error again).
 def modulated_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     """`layer_norm(x) * (1 + scale) + shift` in fp32, fused: x [B, L, C]; scale, shift fp32 [B, 1 or L, C]."""
-    return _fused(_modulated_norm, x)(x, scale.flatten(), shift.flatten(), eps)
+    return fused_on_cuda(_modulated_norm, x)(x, scale.flatten(), shift.flatten(), eps)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """`x + y * gate` in fp32, fused: x, y [B, L, C]; gate fp32 [B, 1 or L, C]."""
-    return _fused(_gated_residual, x)(x, y, gate.flatten())
+    return fused_on_cuda(_gated_residual, x)(x, y, gate.flatten())
 
 
 def affine_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
     """diffusers' `FP32LayerNorm` with weights, fused: x [B, L, C] -> [B, L, C] in x's dtype."""
-    return _fused(_affine_norm, x)(x, norm.weight, norm.bias, norm.eps)
+    return fused_on_cuda(_affine_norm, x)(x, norm.weight, norm.bias, norm.eps)
 
 
 class FusedWanTransformerBlock(WanTransformerBlock):
