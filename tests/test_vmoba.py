@@ -110,6 +110,31 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
         VMoBAConfig(**{field: value})
 
 
+def test_auto_backend_says_once_when_a_missing_fa4_costs_speed(monkeypatch):
+    """On a GPU that could run fa4 but lacks FlashAttention-4, `auto` falls back to flex and warns once,
+    naming the install command; other reasons to skip fa4 (e.g. fp32) fall back silently."""
+    import warnings
+    from types import SimpleNamespace
+
+    from vmoba import attention
+
+    reasons = {"bf16": vmoba.fa4.INSTALL_HINT, "fp32": "fa4 needs fp16 or bf16 q, k, v"}
+    monkeypatch.setattr(attention.fa4, "unsupported", lambda q: reasons[q.dtype])
+    attention._warn_once.cache_clear()
+    gpu = SimpleNamespace(is_cuda=True, dtype="bf16")
+    with pytest.warns(UserWarning, match=r"flex because FlashAttention-4 is not installed.*pip install"):
+        assert attention._resolve_backend("auto", gpu, "block") == "flex"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert attention._resolve_backend("auto", gpu, "block") == "flex"  # said once already
+        attention._warn_once.cache_clear()
+        assert (
+            attention._resolve_backend("auto", SimpleNamespace(is_cuda=True, dtype="fp32"), "block") == "flex"
+        )
+    monkeypatch.setattr(attention.fa4, "unsupported", lambda q: None)
+    assert attention._resolve_backend("auto", gpu, "block") == "fa4"
+
+
 def test_attention_rejects_bad_arguments():
     q, k, v = rand_qkv(B=1, H=1, D=8)
     cfg = make_config("3d")

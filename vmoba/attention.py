@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,11 @@ OWN_ORDER = ("fa4", "keyed")  # backends that take raster q, k, v and the block 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+
+
 def _resolve_backend(backend: str, q: torch.Tensor, granularity: str) -> str:
     """The backend that runs this call. `auto` on CUDA: keyed for token granularity, fa4 for block
     granularity (the fastest at each: docs/benchmarks.md, notes 10 and 16), flex where those cannot run;
@@ -40,7 +47,13 @@ def _resolve_backend(backend: str, q: torch.Tensor, granularity: str) -> str:
             return "reference"
         if granularity == "token" and not keyed.unsupported(q):
             return "keyed"
-        return "flex" if fa4.unsupported(q) else "fa4"
+        reason = fa4.unsupported(q)
+        if reason == fa4.INSTALL_HINT:  # the GPU could run fa4: say what the fallback costs, once
+            _warn_once(
+                "vmoba: backend='auto' runs block granularity with flex because FlashAttention-4 is not "
+                "installed; its kernels are 1.3-1.5x faster than flex's (docs/benchmarks.md). " + reason
+            )
+        return "flex" if reason else "fa4"
     if backend in OWN_ORDER:  # the kernels that check what they can run
         reason = {"fa4": fa4, "keyed": keyed}[backend].unsupported(q)
         if reason:
