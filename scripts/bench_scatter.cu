@@ -72,7 +72,89 @@ __global__ void bulk_reduce(float* acc, Lists s) {
   if (t < 32) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
+// Can the reductions run under tensor-core work? Warps 0-3 of each program do the forward's products of a
+// tile (2 x 64 x 128 x 128 MACs: 256 mma.sync.m16n8k16 per warp) on register data, warps 4-7 add the
+// tile's rows with red.v4, with no dependence between them, as in a warp-specialised kernel.
+// WORK: 1 products only, 2 reductions only, 3 both; with 4 added, the reductions are TMA bulk reduce-adds
+// issued by one warp from a double-buffered shared tile instead of red.v4 from four warps.
+template <int WORK>
+__global__ void __launch_bounds__(256) overlap(float* acc, Lists s, float* sink) {
+  extern __shared__ __align__(128) float staged[];  // 2 x TILE x D fp32 tiles, then unused space
+  const int c = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t first_pair = s.starts[(int64_t)h * s.C + c];
+  const int n = (int)(s.starts[(int64_t)h * s.C + c + 1] - first_pair);
+  if (w < 4) {
+    if constexpr (!(WORK & 1)) return;
+    float d[4][4] = {};
+    const uint32_t a = 0x3f803f80u ^ threadIdx.x, b = 0x3f803f80u ^ (threadIdx.x << 3);  // bf16 pairs near 1
+    for (int first = 0; first < n; first += TILE) {
+#pragma unroll 4
+      for (int i = 0; i < 64; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)  // four independent chains keep the tensor cores fed
+          asm volatile(
+              "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+              "{%0,%1,%2,%3};"
+              : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+              : "r"(a), "r"(a + j), "r"(a + 2 * j), "r"(a), "r"(b), "r"(b + j));
+      }
+    }
+    sink[(blockIdx.y * gridDim.x + blockIdx.x) * 128 + threadIdx.x] = d[0][0] + d[1][1] + d[2][2] + d[3][3];
+  } else if constexpr ((WORK & 6) == 6) {  // one warp: each tile's rows by cp.reduce.async.bulk from shared memory
+    if (w != 4) return;
+    for (int i = lane; i < 2 * TILE * D / 4; i += 32)
+      reinterpret_cast<float4*>(staged)[i] = make_float4(1.f, 1.f, 1.f, 1.f);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncwarp();
+    for (int first = 0, tile = 0; first < n; first += TILE, ++tile) {
+      const float* buf = staged + (tile & 1) * TILE * D;
+      // A real kernel rewrites the buffer of two tiles ago here: its copies must have read it.
+      asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+      for (int r = lane; r < TILE && first + r < n; r += 32) {
+        float* g = row_ptr(acc, s, s.rows[first_pair + first + r], h);
+        const uint32_t src = (uint32_t)__cvta_generic_to_shared(buf + r * D);
+        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(g),
+                     "r"(src), "r"(D * 4) : "memory");
+      }
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  } else if constexpr (WORK & 2) {
+    const float4 one = make_float4(1.f, 1.f, 1.f, 1.f);
+    for (int first = 0; first < n; first += TILE) {
+#pragma unroll
+      for (int i = 0; i < TILE / 4; ++i) {
+        const int r = first + (w - 4) + 4 * i;
+        if (r >= n) continue;
+        float* p = row_ptr(acc, s, s.rows[first_pair + r], h) + lane * 4;
+        asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(one.x), "f"(one.y),
+                     "f"(one.z), "f"(one.w) : "memory");
+      }
+    }
+  }
+}
+
 }  // namespace
+
+extern "C" int overlapped(int work, float* acc, const int64_t* starts, const int* rows, int H, int C, int L,
+                          float* sink, cudaStream_t stream) {
+  const Lists s{starts, rows, H, C, L, L};
+  const dim3 grid(C, H);
+  // Unused shared memory, as much as a real program's tiles (keys, values, gathered queries, staging),
+  // so that two programs share an SM as they would.
+  const int smem = 96 * 1024;
+  switch (work) {
+#define LAUNCH(W)                                                                  \
+  case W:                                                                          \
+    cudaFuncSetAttribute(overlap<W>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem); \
+    overlap<W><<<grid, 256, smem, stream>>>(acc, s, sink);                         \
+    break;
+    LAUNCH(1) LAUNCH(2) LAUNCH(3) LAUNCH(6) LAUNCH(7)
+#undef LAUNCH
+    default: return -1;
+  }
+  return (int)cudaGetLastError();
+}
 
 extern "C" int scatter(int mode, float* acc, const int64_t* starts, const int* rows, int H, int C, int L,
                        int window, cudaStream_t stream) {

@@ -12,6 +12,11 @@ block, acc [L, H, D]), four ways in one process:
 - contiguous store: the same bytes written back to back (the baseline every ratio is against).
 
 `--window N` folds the rows into the first N tokens, so the accumulator fits in L2 (e.g. 2048: 12 MiB).
+
+Then whether the reductions can hide under tensor-core work, as a warp-specialised kernel would have
+them: per program, four warps do a tile's products (2 x 64 x 128 x 128 MACs as `mma.sync`, on register
+data) while four others add the tile's rows (`red.v4`), with no dependence between them; products alone,
+reductions alone, and both, with two programs per SM as the real kernels have.
 Needs a CUDA GPU of sm90 (Hopper) and nvcc, which compiles `bench_scatter.cu` next to this file.
 
     python scripts/bench_scatter.py --tokens 55296 --density 0.25
@@ -56,6 +61,18 @@ def row_lists(tokens: int, heads: int, blocks: int, density: float):
     return starts, rows, counts
 
 
+def timed(run, iters: int) -> float:
+    """Mean ms of `iters` calls of `run` after one warm-up call."""
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=55296)
@@ -94,16 +111,10 @@ def main(argv=None):
     print(f"# {torch.cuda.get_device_name()}: {pairs:,} pairs, {gbytes:.1f} GB of fp32 rows per pass")
     for window in args.window:
         window = window or L
-        times = {}
-        for name, mode in MODES.items():
-            run(mode, window)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(args.iters):
-                run(mode, window)
-            end.record()
-            torch.cuda.synchronize()
-            times[name] = start.elapsed_time(end) / args.iters
+        times = {
+            name: timed(lambda mode=mode, window=window: run(mode, window), args.iters)
+            for name, mode in MODES.items()
+        }
         base = times["contiguous store"]
         for name, ms in times.items():
             footprint = window * H * D * 4 / 2**20
@@ -112,6 +123,31 @@ def main(argv=None):
                 f"{gbytes / ms:5.2f} TB/s  {ms / base:4.2f}x the contiguous store",
                 flush=True,
             )
+
+    sink = torch.empty(C * H * 128, device="cuda")
+
+    def overlapped(work: int) -> None:
+        ptrs = (ctypes.c_void_p(t.data_ptr()) for t in (acc, starts, rows))
+        if lib.overlapped(work, *ptrs, H, C, L, ctypes.c_void_p(sink.data_ptr()), ctypes.c_void_p(stream)):
+            raise RuntimeError(f"overlap work {work} failed to launch")
+
+    for work in (2, 3, 6, 7):
+        acc.zero_()
+        overlapped(work)
+        if not torch.equal(acc, expect[:, :, None].expand_as(acc)):
+            sys.exit(f"overlap work {work} added the wrong values")
+    products = timed(lambda: overlapped(1), args.iters)
+    print(f"overlap: products alone (4 warps, mma.sync) {products:.2f} ms", flush=True)
+    for name, alone, both in (("red.v4 from 4 warps", 2, 3), ("bulk reduce from 1 warp", 6, 7)):
+        alone, both = (
+            timed(lambda w=alone: overlapped(w), args.iters),
+            timed(lambda w=both: overlapped(w), args.iters),
+        )
+        print(
+            f"overlap: reductions by {name}: alone {alone:.2f} ms, beside the products {both:.2f} ms "
+            f"= {both / max(products, alone):.2f}x their max, {both / (products + alone):.2f}x their sum",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
