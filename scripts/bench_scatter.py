@@ -38,16 +38,14 @@ MODES = {"red.v4": 0, "bulk reduce": 2, "scatter store": 1, "contiguous store": 
 D = 128
 
 
-def build() -> ctypes.CDLL:
+def build(source: Path, *flags: str) -> ctypes.CDLL:
+    """Compile the CUDA file `source` (next to these scripts) for sm90 with nvcc and load it."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        sys.exit("bench_scatter.py needs nvcc (the CUDA toolkit) on PATH to compile bench_scatter.cu")
-    lib = Path(tempfile.mkdtemp()) / "libscatter.so"
-    source = Path(__file__).with_suffix(".cu")
-    subprocess.run(
-        [nvcc, "-O3", "-arch=sm_90a", "-shared", "-Xcompiler", "-fPIC", "-o", str(lib), str(source)],
-        check=True,
-    )
+        sys.exit(f"{source.stem}.py needs nvcc (the CUDA toolkit) on PATH to compile {source.name}")
+    lib = Path(tempfile.mkdtemp()) / f"lib{source.stem}.so"
+    cmd = [nvcc, "-O3", "-arch=sm_90a", *flags, "-shared", "-Xcompiler", "-fPIC", "-o", str(lib), str(source)]
+    subprocess.run(cmd, check=True)
     return ctypes.CDLL(str(lib))
 
 
@@ -84,7 +82,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         sys.exit("bench_scatter.py needs an sm90+ CUDA GPU")
-    lib = build()
+    lib = build(Path(__file__).with_suffix(".cu"))
     torch.manual_seed(0)
     L, H, C = args.tokens, args.heads, args.blocks
     starts, rows, counts = row_lists(L, H, C, args.density)

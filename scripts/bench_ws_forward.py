@@ -1,0 +1,100 @@
+"""A warp-specialised CUDA forward pass for token granularity against `keyed`'s Triton pass, in one process.
+
+The `keyed` forward's accumulation pass (per key tile, the gathered query rows' `exp(s - offset) @ v`
+added to an fp32 accumulator) as a hand-written sm90 kernel, `bench_ws_forward.cu`: eight warps compute
+with `mma.sync`, one gathers the next tile's rows with `cp.async`, one adds the finished tile's rows with
+TMA bulk reduce-adds (docs/benchmarks.md, notes 22 and 24). Same inputs, selection, row lists and
+norm-bound offsets as the Triton pass; checks that both add the same values (relative difference of the
+accumulator and of the row sums <= 1e-4, or it exits non-zero), then times both.
+
+Needs an sm90 GPU, Triton and nvcc.
+
+    python scripts/bench_ws_forward.py --grid 24x36x64 --density 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_attention import make_inputs, timed  # noqa: E402  (this script's folder is on sys.path)
+from bench_scatter import build  # noqa: E402
+
+from vmoba import VMoBAConfig, keyed  # noqa: E402
+from vmoba.attention import BlockOrder, _layout, _select  # noqa: E402
+from vmoba.partition import valid_mask  # noqa: E402
+from vmoba.tiles import TILE  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", default="24x36x64")
+    p.add_argument("--density", type=float, default=0.25, help="per-token top-k density")
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--iters", type=int, default=5)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        sys.exit("bench_ws_forward.py needs an sm90+ CUDA GPU")
+    lib = build(Path(__file__).with_suffix(".cu"), "-use_fast_math")
+    grid = tuple(int(x) for x in args.grid.split("x"))
+    torch.manual_seed(0)
+    shape = SimpleNamespace(batch=1, heads=args.heads, head_dim=128, inputs="smooth")
+    q, k, v = (t.detach() for t in make_inputs(shape, grid, torch.bfloat16))
+    layout = _layout(VMoBAConfig(partitions=["3d"]), grid, 0, TILE)
+    cfg = VMoBAConfig(
+        partitions=["3d"],
+        granularity="token",
+        selection="topk",
+        topk_3d=max(1, round(args.density * layout.num_blocks)),
+    )
+    valid, order = valid_mask(layout, q.device), BlockOrder(layout, 0)
+    qb, kb, vb = (order.to_blocks(t).contiguous() for t in (q, k, v))
+    sel = _select(qb, kb, layout, valid, cfg, "3d")
+    starts, rows = keyed.row_lists(sel, valid, layout.padded_volume)
+    valid8 = valid.view(torch.uint8)
+    offsets, bounded = keyed.row_offsets(qb, kb)
+    if not bool(bounded):
+        sys.exit("these inputs' norm bound is above keyed.BOUND_LIMIT; the CUDA pass has no row-max pass")
+    B, L, H, D = qb.shape
+    C = (starts.numel() - 1) // (B * H)
+
+    def triton_pass():
+        acc, row_sum = torch.zeros(qb.shape, device="cuda"), torch.zeros_like(offsets)
+        keyed._launch(1, qb, kb, vb, acc, offsets, row_sum, starts, rows, valid8)
+        return acc, row_sum
+
+    def cuda_pass():
+        acc, row_sum = torch.zeros(qb.shape, device="cuda"), torch.zeros_like(offsets)
+        ptrs = [
+            ctypes.c_void_p(t.data_ptr()) for t in (qb, kb, vb, acc, row_sum, offsets, starts, rows, valid8)
+        ]
+        scale_log2 = ctypes.c_float(D**-0.5 * 1.4426950408889634)
+        strides = (ctypes.c_int64(qb.stride(0)), ctypes.c_int64(qb.stride(1)))
+        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+        tiles_per_block = layout.padded_volume // keyed.BLOCK_N
+        if lib.ws_forward_launch(*ptrs, B, L, C, H, tiles_per_block, *strides, scale_log2, stream):
+            raise RuntimeError("ws_forward failed to launch")
+        return acc, row_sum
+
+    (acc0, sum0), (acc1, sum1) = triton_pass(), cuda_pass()
+    diffs = [((new - ref).abs().max() / ref.abs().max()).item() for new, ref in ((acc1, acc0), (sum1, sum0))]
+    print(f"# {torch.cuda.get_device_name()}, {L:,} tokens, {rows.numel():,} pairs")
+    print(f"relative difference to the Triton pass: accumulator {diffs[0]:.1e}, row sums {diffs[1]:.1e}")
+    if max(diffs) > 1e-4:
+        sys.exit("the CUDA pass does not add what the Triton pass adds")
+    t_triton, t_cuda = (timed(fn, 1, args.iters) for fn in (triton_pass, cuda_pass))
+    print(
+        f"Triton pass {t_triton:.2f} ms, warp-specialised CUDA pass {t_cuda:.2f} ms: {t_triton / t_cuda:.2f}x "
+        "(both include zeroing their two fp32 outputs)"
+    )
+
+
+if __name__ == "__main__":
+    main()
