@@ -20,6 +20,19 @@ __device__ __forceinline__ float* row_ptr(float* acc, const Lists& s, int row, i
   return acc + ((int64_t)(row % s.window) * s.H + h) * D;
 }
 
+// One warp: rows lane, lane + 32, ... of the staged tile `buf` (the first min(left, TILE) are real) added to
+// their acc rows by one TMA bulk reduce-add each, committed as one bulk group per lane.
+__device__ __forceinline__ void bulk_reduce_rows(float* acc, const Lists& s, int h, int64_t pair, int left,
+                                                 const float* buf, int lane) {
+  for (int r = lane; r < TILE && r < left; r += 32) {
+    float* g = row_ptr(acc, s, s.rows[pair + r], h);
+    const uint32_t src = (uint32_t)__cvta_generic_to_shared(buf + r * D);
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(g), "r"(src),
+                 "r"(D * 4) : "memory");
+  }
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
 // Registers straight to memory, as Triton's tl.atomic_add / tl.store of a [TILE, D] tile: each warp
 // writes rows w, w + 4, ... of the tile, each lane 4 floats (16 bytes) of a row.
 template <int MODE>
@@ -61,13 +74,7 @@ __global__ void bulk_reduce(float* acc, Lists s) {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // generic-proxy writes -> TMA reads
     __syncthreads();
     if (t < 32) {
-      for (int r = t; r < TILE && first + r < n; r += 32) {
-        float* g = row_ptr(acc, s, s.rows[first_pair + first + r], h);
-        const uint32_t src = (uint32_t)__cvta_generic_to_shared(buf + r * D);
-        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(g),
-                     "r"(src), "r"(D * 4) : "memory");
-      }
-      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      bulk_reduce_rows(acc, s, h, first_pair + first, n - first, buf, t);
     }
   }
   if (t < 32) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
@@ -111,13 +118,7 @@ __global__ void __launch_bounds__(256) overlap(float* acc, Lists s, float* sink)
       const float* buf = staged + (tile & 1) * TILE * D;
       // A real kernel rewrites the buffer of two tiles ago here: its copies must have read it.
       asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
-      for (int r = lane; r < TILE && first + r < n; r += 32) {
-        float* g = row_ptr(acc, s, s.rows[first_pair + first + r], h);
-        const uint32_t src = (uint32_t)__cvta_generic_to_shared(buf + r * D);
-        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(g),
-                     "r"(src), "r"(D * 4) : "memory");
-      }
-      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      bulk_reduce_rows(acc, s, h, first_pair + first, n - first, buf, lane);
     }
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
   } else if constexpr (WORK & 2) {
