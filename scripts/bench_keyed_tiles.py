@@ -21,12 +21,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_attention import timed as timed_ms  # noqa: E402  (this script's folder is on sys.path)
 
 from vmoba import VMoBAConfig, keyed  # noqa: E402
-from vmoba.attention import _layout, _select, dense_attention  # noqa: E402
-from vmoba.partition import partition_layout, valid_mask  # noqa: E402
+from vmoba.attention import _select, dense_attention  # noqa: E402
+from vmoba.partition import block_layout, partition_layout, valid_mask  # noqa: E402
 
 
 def timed(fn) -> float:
     return timed_ms(fn, warmup=2, iters=5)
+
+
+def token_selection(grid, density: float, q, k, v):
+    """The benchmarks' token-granularity setup: 3D blocks of 4x4x8 padded to keyed's tiles, each query's
+    top-k blocks at `density`. q, k, v [1, L, H, D] raster order -> (cfg, layout, valid bool [L'],
+    (qb, kb, vb) contiguous block order [1, L', H, D], sel bool [1, H, L', C])."""
+    layout = block_layout(grid, "3d", (4, 4, 8), keyed.BLOCK_N)
+    cfg = VMoBAConfig(
+        partitions=["3d"],
+        granularity="token",
+        selection="topk",
+        topk_3d=max(1, round(density * layout.num_blocks)),
+    )
+    valid = valid_mask(layout, q.device)
+    qb, kb, vb = (partition_layout(t, layout).contiguous() for t in (q, k, v))
+    with torch.no_grad():
+        sel = _select(qb, kb, layout, valid, cfg, "3d")
+    return cfg, layout, valid, (qb, kb, vb), sel
 
 
 TILES = ["128,128,4,3", "64,128,4,1", "64,128,8,3", "64,128,8,2", "64,128,4,3", "128,128,8,2", "32,128,8,3"]
@@ -52,18 +70,11 @@ def main(argv=None):
         dense_attention(*x).backward(grad)
 
     cudnn = timed(dense)
-    blocks = -(-grid[0] // 4) * -(-grid[1] // 4) * -(-grid[2] // 8)
-    cfg = VMoBAConfig(
-        partitions=["3d"], granularity="token", selection="topk", topk_3d=max(1, round(args.density * blocks))
-    )
-    layout = _layout(cfg, grid, 0, keyed.BLOCK_N)
-    valid = valid_mask(layout, q.device)
-    qb, kb, vb = (partition_layout(t, layout) for t in (q, k, v))
+    cfg, layout, valid, (qb, kb, vb), sel = token_selection(grid, args.density, q, k, v)
     with torch.no_grad():
-        sel = _select(qb, kb, layout, valid, cfg, "3d")
         gate = timed(lambda: _select(qb, kb, layout, valid, cfg, "3d"))
     lists, valid8 = keyed.row_lists(sel, valid, layout.padded_volume), valid.view(torch.uint8)
-    stat = torch.full((1, H, L), -torch.inf, device="cuda")
+    stat = torch.full((1, H, qb.shape[1]), -torch.inf, device="cuda")
     stat2, acc = torch.zeros_like(stat), torch.zeros(qb.shape, device="cuda")
     lse, delta = torch.rand_like(stat) + 5, torch.randn_like(stat)
     dk, dv = torch.empty_like(kb), torch.empty_like(vb)

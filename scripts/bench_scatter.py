@@ -49,7 +49,7 @@ def build(source: Path, *flags: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(lib))
 
 
-def row_lists(tokens: int, heads: int, blocks: int, density: float):
+def random_row_lists(tokens: int, heads: int, blocks: int, density: float):
     """Random CSR lists: per (head, key block), the ascending query rows that picked it (~density of all)."""
     sel = torch.rand(heads, blocks, tokens, device="cuda") < density
     counts = sel.sum(-1).view(-1)
@@ -85,7 +85,7 @@ def main(argv=None):
     lib = build(Path(__file__).with_suffix(".cu"))
     torch.manual_seed(0)
     L, H, C = args.tokens, args.heads, args.blocks
-    starts, rows, counts = row_lists(L, H, C, args.density)
+    starts, rows, counts = random_row_lists(L, H, C, args.density)
     pairs = rows.numel()
     acc = torch.zeros(L, H, D, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream

@@ -119,9 +119,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) ws_forward(Params p) {
       const int row0 = ok0 ? p.rows[start + i0] : 0, row1 = ok1 ? p.rows[start + i1] : 0;
       const float off0 = ok0 ? p.offsets[stat_base + row0] : 0.f, off1 = ok1 ? p.offsets[stat_base + row1] : 0.f;
 
-      float s[16][4];
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      float s[16][4] = {};
 #pragma unroll
       for (int ks = 0; ks < 8; ++ks) {
 #pragma unroll
@@ -154,9 +152,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) ws_forward(Params p) {
         if (ok0) atomicAdd(p.rowsum + stat_base + row0, sum0);
         if (ok1) atomicAdd(p.rowsum + stat_base + row1, sum1);
       }
-      float o[16][4];
-#pragma unroll
-      for (int nt = 0; nt < 16; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+      float o[16][4] = {};
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
 #pragma unroll

@@ -25,12 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_attention import make_inputs, timed  # noqa: E402  (this script's folder is on sys.path)
+from bench_keyed_tiles import token_selection  # noqa: E402
 from bench_scatter import build  # noqa: E402
 
-from vmoba import VMoBAConfig, keyed  # noqa: E402
-from vmoba.attention import BlockOrder, _layout, _select  # noqa: E402
-from vmoba.partition import valid_mask  # noqa: E402
-from vmoba.tiles import TILE  # noqa: E402
+from vmoba import keyed  # noqa: E402
 
 
 def main(argv=None):
@@ -47,16 +45,7 @@ def main(argv=None):
     torch.manual_seed(0)
     shape = SimpleNamespace(batch=1, heads=args.heads, head_dim=128, inputs="smooth")
     q, k, v = (t.detach() for t in make_inputs(shape, grid, torch.bfloat16))
-    layout = _layout(VMoBAConfig(partitions=["3d"]), grid, 0, TILE)
-    cfg = VMoBAConfig(
-        partitions=["3d"],
-        granularity="token",
-        selection="topk",
-        topk_3d=max(1, round(args.density * layout.num_blocks)),
-    )
-    valid, order = valid_mask(layout, q.device), BlockOrder(layout, 0)
-    qb, kb, vb = (order.to_blocks(t).contiguous() for t in (q, k, v))
-    sel = _select(qb, kb, layout, valid, cfg, "3d")
+    _, layout, valid, (qb, kb, vb), sel = token_selection(grid, args.density, q, k, v)
     starts, rows = keyed.row_lists(sel, valid, layout.padded_volume)
     valid8 = valid.view(torch.uint8)
     offsets, bounded = keyed.row_offsets(qb, kb)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .config import GRANULARITIES, SCOPES, SELECTIONS
+from .gather import has_triton
 
 
 def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.Tensor:
@@ -48,8 +49,6 @@ def gate_scores(
 
 
 def _tensor_core_scores_usable(q: torch.Tensor) -> bool:
-    from .gather import has_triton
-
     if not (q.is_cuda and q.dtype == torch.bfloat16 and q.shape[-1] in (16, 32, 64, 128) and has_triton()):
         return False
     return torch.cuda.get_device_capability(q.device)[0] >= 8  # bf16 tensor cores: Ampere and later
