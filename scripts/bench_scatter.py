@@ -44,7 +44,19 @@ def build(source: Path, *flags: str) -> ctypes.CDLL:
     if nvcc is None:
         sys.exit(f"{source.stem}.py needs nvcc (the CUDA toolkit) on PATH to compile {source.name}")
     lib = Path(tempfile.mkdtemp()) / f"lib{source.stem}.so"
-    cmd = [nvcc, "-O3", "-arch=sm_90a", *flags, "-shared", "-Xcompiler", "-fPIC", "-o", str(lib), str(source)]
+    cmd = [
+        nvcc,
+        "-O3",
+        "-gencode",
+        "arch=compute_90a,code=sm_90a",
+        *flags,
+        "-shared",
+        "-Xcompiler",
+        "-fPIC",
+        "-o",
+        str(lib),
+        str(source),
+    ]
     subprocess.run(cmd, check=True)
     return ctypes.CDLL(str(lib))
 

@@ -1,13 +1,11 @@
-"""A warp-specialised CUDA forward pass for token granularity against `keyed`'s Triton pass, in one process.
+"""The `keyed` forward's accumulation pass: the warp-specialised CUDA kernel against the Triton pass.
 
-The `keyed` forward's accumulation pass (per key tile, the gathered query rows' `exp(s - offset) @ v`
-added to an fp32 accumulator) as a hand-written sm90 kernel, `bench_ws_forward.cu`: eight warps compute
-with `mma.sync`, one gathers the next tile's rows with `cp.async`, one adds the finished tile's rows with
-TMA bulk reduce-adds (docs/benchmarks.md, notes 22 and 24). Same inputs, selection, row lists and
-norm-bound offsets as the Triton pass; checks that both add the same values (relative difference of the
-accumulator and of the row sums <= 1e-4, or it exits non-zero), then times both.
+Times `vmoba._keyed_cuda.accumulate` (vmoba/_keyed_forward.cu: wgmma consumer warpgroups, cp.async gather
+warps, TMA bulk reduce-add warps; docs/benchmarks.md, notes 24-25) against `keyed`'s Triton pass 1 on the
+same inputs, selection, row lists and norm-bound offsets, in one process. Checks first that both add the
+same values (relative difference of the accumulator and of the row sums <= 1e-4, or it exits non-zero).
 
-Needs an sm90 GPU, Triton and nvcc.
+Needs an sm90 GPU (H100/H200) and Triton.
 
     python scripts/bench_ws_forward.py --grid 24x36x64 --density 0.25
 """
@@ -15,7 +13,6 @@ Needs an sm90 GPU, Triton and nvcc.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,9 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_attention import make_inputs, timed  # noqa: E402  (this script's folder is on sys.path)
 from bench_keyed_tiles import token_selection  # noqa: E402
-from bench_scatter import build  # noqa: E402
 
-from vmoba import keyed  # noqa: E402
+from vmoba import _keyed_cuda, keyed  # noqa: E402
 
 
 def main(argv=None):
@@ -40,7 +36,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         sys.exit("bench_ws_forward.py needs an sm90+ CUDA GPU")
-    lib = build(Path(__file__).with_suffix(".cu"), "-use_fast_math")
     grid = tuple(int(x) for x in args.grid.split("x"))
     torch.manual_seed(0)
     shape = SimpleNamespace(batch=1, heads=args.heads, head_dim=128, inputs="smooth")
@@ -50,9 +45,8 @@ def main(argv=None):
     valid8 = valid.view(torch.uint8)
     offsets, bounded = keyed.row_offsets(qb, kb)
     if not bool(bounded):
-        sys.exit("these inputs' norm bound is above keyed.BOUND_LIMIT; the CUDA pass has no row-max pass")
-    B, L, H, D = qb.shape
-    C = (starts.numel() - 1) // (B * H)
+        sys.exit("these inputs' norm bound is above keyed.BOUND_LIMIT; this benchmark times the bound's path")
+    L = qb.shape[1]
 
     def triton_pass():
         acc, row_sum = torch.zeros(qb.shape, device="cuda"), torch.zeros_like(offsets)
@@ -61,17 +55,11 @@ def main(argv=None):
 
     def cuda_pass():
         acc, row_sum = torch.zeros(qb.shape, device="cuda"), torch.zeros_like(offsets)
-        ptrs = [
-            ctypes.c_void_p(t.data_ptr()) for t in (qb, kb, vb, acc, row_sum, offsets, starts, rows, valid8)
-        ]
-        scale_log2 = ctypes.c_float(D**-0.5 * 1.4426950408889634)
-        strides = (ctypes.c_int64(qb.stride(0)), ctypes.c_int64(qb.stride(1)))
-        stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        tiles_per_block = layout.padded_volume // keyed.BLOCK_N
-        if lib.ws_forward_launch(*ptrs, B, L, C, H, tiles_per_block, *strides, scale_log2, stream):
-            raise RuntimeError("ws_forward failed to launch")
+        _keyed_cuda.accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid8)
         return acc, row_sum
 
+    if not _keyed_cuda.usable(qb):
+        sys.exit("the CUDA pass cannot run here (see the warning above)")
     (acc0, sum0), (acc1, sum1) = triton_pass(), cuda_pass()
     diffs = [((new - ref).abs().max() / ref.abs().max()).item() for new, ref in ((acc1, acc0), (sum1, sum0))]
     print(f"# {torch.cuda.get_device_name()}, {L:,} tokens, {rows.numel():,} pairs")

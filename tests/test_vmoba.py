@@ -599,3 +599,22 @@ def test_keyed_backend_says_why_it_cannot_run():
     assert "CUDA" in keyed.unsupported(q)
     with pytest.raises(ValueError, match="keyed runs on CUDA"):
         vmoba_attention(q, k, v, GRID, make_config("3d", granularity="token"), backend="keyed")
+
+
+def test_keyed_cuda_source_compiles_for_hopper_with_nvrtc():
+    # The Hopper forward pass ships as CUDA source that NVRTC (in PyTorch's CUDA wheels) compiles at first
+    # use; compiling it needs no GPU, so a broken source fails here rather than on a user's H100.
+    from vmoba import _keyed_cuda
+
+    try:
+        from torch.cuda._utils import _get_gpu_rtc_library, _nvrtc_compile
+
+        _get_gpu_rtc_library()
+    except (ImportError, OSError, RuntimeError) as e:
+        pytest.skip(f"no NVRTC in this PyTorch: {e}")
+    cubin, name = _nvrtc_compile(
+        _keyed_cuda.SOURCE.read_text(), "keyed_forward", "90a", None, _keyed_cuda.OPTIONS
+    )
+    assert name == "keyed_forward"  # extern "C": the name the loader asks for
+    assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
+    assert not _keyed_cuda.usable(torch.empty(1, 128, 2, 128, dtype=torch.bfloat16))  # CPU tensors: Triton's

@@ -380,3 +380,37 @@ def test_selection_stats_of_a_token_selection_match_the_cpu():
     gpu, cpu = selection_stats(sel, layout, valid), selection_stats(sel.cpu(), layout, valid.cpu())
     for key in ("density", "blocks"):
         torch.testing.assert_close(gpu[key].cpu(), cpu[key])
+
+
+def test_keyed_cuda_pass_is_as_accurate_as_the_triton_pass():
+    # The Hopper forward pass (vmoba/_keyed_forward.cu) against Triton's pass 1 and an fp64 reference of
+    # what both add: padded blocks (invalid keys), row lists of every length mod 64, two batches, 3 heads.
+    keyed = keyed_or_skip()
+    from vmoba import _keyed_cuda
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the CUDA pass is for sm_90 (H100/H200)")
+    torch.manual_seed(11)
+    cfg = config("3d", "token", selection="topk", topk_3d=5)
+    L = GRID[0] * GRID[1] * GRID[2]
+    qkv = [torch.randn(2, L, 3, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    qb, kb, vb, sel, S, valid = block_order(cfg, "3d", GRID, qkv, keyed.BLOCK_N)
+    assert _keyed_cuda.usable(qb)  # on Hopper it must not fall back silently
+    starts, rows = keyed.row_lists(sel, valid, S)
+    offsets, _ = keyed.row_offsets(qb, kb)
+    valid8 = valid.view(torch.uint8)
+    got = {}
+    for name in ("triton", "cuda"):
+        acc, row_sum = torch.zeros(qb.shape, device="cuda"), torch.zeros_like(offsets)
+        if name == "cuda":
+            _keyed_cuda.accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid8)
+        else:
+            keyed._launch(1, qb, kb, vb, acc, offsets, row_sum, starts, rows, valid8)
+        got[name] = (acc, row_sum)
+    mask = token_mask(sel, S, valid)  # [B, H, L, L]
+    s = torch.einsum("blhd,bkhd->bhlk", qb.double(), kb.double()) * 128**-0.5 * 1.4426950408889634
+    p = torch.where(mask, torch.exp2(s - offsets.double()[..., None]), 0.0)
+    exact = (torch.einsum("bhlk,bkhd->blhd", p, vb.double()), p.sum(-1))
+    for i, what in enumerate(("accumulator", "row sums")):
+        errs = {n: ((got[n][i].double() - exact[i]).abs().max() / exact[i].abs().max()).item() for n in got}
+        assert errs["cuda"] <= 2 * errs["triton"] + 1e-6, (what, errs)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _keyed_cuda
 from .gather import has_triton
 from .partition import SAME_ORDER
 
@@ -169,8 +170,11 @@ class _Keyed(torch.autograd.Function):
         row_max = torch.where(bounded, offsets, -torch.inf)
         row_sum = torch.zeros_like(row_max)
         acc = torch.zeros(qb.shape, dtype=torch.float32, device=q.device)
-        for PASS in (0, 1):
-            _launch(PASS, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid, skip=bounded)
+        _launch(0, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid, skip=bounded)
+        if _keyed_cuda.usable(qb):  # Hopper: pass 1 as a warp-specialised CUDA kernel
+            _keyed_cuda.accumulate(qb, kb, vb, acc, row_max, row_sum, starts, rows, valid)
+        else:
+            _launch(1, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid)
         # Rows that selected nothing (padding) have sum 0: output 0, lse -inf (log2 units).
         out_b, lse = torch.empty_like(qb), torch.empty_like(row_max)
         _rowwise(_kernels().finish, acc, row_max, row_sum, out_b, lse)

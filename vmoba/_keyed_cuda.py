@@ -1,0 +1,80 @@
+"""The `keyed` forward's accumulation pass on Hopper: `_keyed_forward.cu`, compiled at first use by NVRTC.
+
+Triton cannot schedule what this pass needs on an H100/H200 (docs/benchmarks.md, notes 22-25): the 36.7 GB
+of fp32 rows it adds at 55K tokens and 25% density cost >= 9.9 ms however they are issued, so they have to
+run under the matrix products, from a warp of their own (TMA bulk reduce-adds), beside warpgroups on
+wgmma. The CUDA kernel does that and adds exactly what Triton's pass 1 adds (to fp32 rounding).
+
+NVRTC ships with PyTorch's CUDA wheels (no toolkit, no nvcc) and `torch.cuda._compile_kernel` wraps it;
+the kernel includes no headers. Used on sm_90 for bf16 with D = 128, unless `VMOBA_KEYED_CUDA=0`; any
+other case, or a failed compile (warned once), takes the Triton pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("_keyed_forward.cu")
+SMEM = 198_752  # the kernel's SMEM constant (it traps if launched with less)
+THREADS = 384
+BLOCK = 128  # keys per program, gathered query rows per tile
+OPTIONS = ["--use_fast_math", "-std=c++17"]  # NVRTC's; fast math: exp2f as ex2.approx, as Triton's exp2
+_INT32_MAX = 2**31 - 1
+
+
+def usable(qb: torch.Tensor) -> bool:
+    """Whether the CUDA pass can take q [B, L, H, D] (block order, contiguous): sm_90, bf16, D = 128."""
+    return (
+        os.environ.get("VMOBA_KEYED_CUDA", "1") != "0"
+        and qb.is_cuda
+        and qb.dtype == torch.bfloat16
+        and qb.shape[-1] == 128
+        and qb.stride(0) <= _INT32_MAX
+        and torch.cuda.get_device_capability(qb.device) == (9, 0)
+        and _kernel(qb.device.index) is not None
+    )
+
+
+@functools.cache
+def _kernel(device: int):
+    """The compiled kernel for one GPU, or None (warned) when NVRTC is missing or fails."""
+    try:
+        with torch.cuda.device(device):
+            kernel = torch.cuda._compile_kernel(
+                SOURCE.read_text(), "keyed_forward", "90a", nvcc_options=list(OPTIONS)
+            )
+            kernel.set_shared_memory_config(SMEM)
+        return kernel
+    except Exception as e:  # noqa: BLE001  (any failure means: use the Triton pass)
+        warnings.warn(
+            f"vmoba: could not compile {SOURCE.name} with NVRTC ({type(e).__name__}: {e}); token "
+            "granularity's forward uses its Triton pass instead (slower on Hopper). Set VMOBA_KEYED_CUDA=0 "
+            "to skip the attempt.",
+            stacklevel=3,
+        )
+        return None
+
+
+def accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid) -> None:
+    """Pass 1 of `keyed` (vmoba/_keyed_kernels.py, PASS 1): add `exp2(q.k * scale - offset) @ v` to `acc`
+    and the row sums to `row_sum`, per key tile over the queries of its block's row list.
+
+    Args:
+        qb, kb, vb: [B, L, H, 128] bf16 block order, contiguous (`usable(qb)`); acc: fp32 [B, L, H, 128];
+        offsets, row_sum: fp32 [B, H, L] (log2 units); starts, rows: `keyed.row_lists` (C key blocks of a
+        multiple of 128 slots); valid: uint8 [L].
+    """
+    B, L, H, D = qb.shape
+    C = (starts.shape[0] - 1) // (B * H)
+    _kernel(qb.device.index)(
+        grid=(L // BLOCK, B * H, 1),
+        block=(THREADS, 1, 1),
+        args=[qb, kb, vb, acc, row_sum, offsets, starts, rows, valid, L, C, H, L // BLOCK // C,
+              qb.stride(0), qb.stride(1), D**-0.5 * 1.4426950408889634],
+        shared_mem=SMEM,
+    )  # fmt: skip

@@ -1,0 +1,281 @@
+// The `keyed` forward's accumulation pass as a warp-specialised Hopper kernel (sm_90a: wgmma, TMA bulk
+// reduce-adds), compiled at first use by NVRTC (vmoba/_keyed_cuda.py); no headers, so NVRTC needs no toolkit.
+// Same contract as pass 1 of vmoba/_keyed_kernels.py (bf16, D = 128): per key tile, the gathered query rows'
+// p = exp2(s * scale_log2 - offset) (s = q.k) on valid keys, p @ v added to the fp32 accumulator and the row
+// sums of p to rowsum. docs/benchmarks.md, note 25.
+//
+// Program (key tile of 128 keys, b * H + h): K, V in shared memory, and two independent pipelines, one per
+// 64-row half of each 128-row query tile: a consumer warpgroup (S = Q K^T and O = P V by wgmma, P from
+// registers), a producer warp (cp.async row gathers into two query buffers) and a reducer warp (a TMA bulk
+// reduce-add of each staged fp32 output row: one warp keeps the L2 reductions going while the tensor cores
+// work, note 22). mbarriers hand the buffers between the roles. Shared tiles are [2 halves of 64 columns]
+// [rows][128 B], the 16-byte chunks of each row XOR-swizzled by row % 8: wgmma's 128-byte swizzle, so one
+// layout serves Q and K (K-major operands) and V (the MN-major B operand of P V).
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+typedef unsigned short bf16;
+
+#define D_REGS "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, " \
+  "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
+namespace {
+
+constexpr int D = 128, BN = 128, BM = 128, WM = 64, NQ = 2, THREADS = 384;
+constexpr int KV_BYTES = BN * D * 2, Q_BYTES = WM * D * 2;  // a key tile; a warpgroup's 64 query rows
+constexpr int OSTRIDE = D + 4;  // fp32 per staged output row: 528 B, 16-B aligned, conflict-free fragment writes
+constexpr int O_BYTES = WM * OSTRIDE * 4;
+constexpr int BAR_BYTES = 8 * (2 * NQ + 2);  // a pipeline's mbarriers
+constexpr int SMEM = 2 * KV_BYTES + 2 * NQ * Q_BYTES + 2 * O_BYTES + 2 * BAR_BYTES;
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+// Byte offset of 16-byte chunk c (0..15) of row r in a swizzled [2][rows][128 B] tile.
+__device__ __forceinline__ u32 chunk_offset(int r, int c, int rows) {
+  return (c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void st_shared2(u32 addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void mbar_init(u32 bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
+  u32 done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  }
+}
+// wgmma shared-memory descriptor, 128-byte swizzle: start, leading and stride byte offsets (>> 4).
+__device__ __forceinline__ u64 desc(u32 addr, u32 lbo, u32 sbo) {
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) |
+         (1ull << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit_wait() {
+  asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+// Keeps the compiler from moving accumulator reads or writes across the asynchronous products.
+__device__ __forceinline__ void fence_regs(float* d) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// D[64 x 128] (+)= A[64 x 16] B[16 x 128]; A, B from shared memory, both K-major.
+__device__ __forceinline__ void wgmma_ss(float* d, u64 a, u64 b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" D_REGS "}, %64, %65, p, 1, 1, 0, 0;\n}"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" D_REGS "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ u32 pack(float lo, float hi) {  // two bf16, lo in the low half
+  u32 v;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(hi), "f"(lo));
+  return v;
+}
+
+
+}  // namespace
+
+// Launch: grid (L / 128, B * H), 384 threads, SMEM = 198,752 bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    keyed_forward(const bf16* q, const bf16* k, const bf16* v,  // [B, L, H, D] block order
+                  float* acc, float* rowsum,                    // [B, L, H, D] and [B, H, L], added to
+                  const float* offsets,                         // [B, H, L], log2 units
+                  const i64* starts, const int* rows,       // CSR row lists per (b, h, block)
+                  const unsigned char* valid,                   // [L]
+                  int L, int C, int H, int tiles_per_block, int stride_b, int stride_l, double scale) {
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const u32 Ks = smem_addr(smem), Vs = Ks + KV_BYTES;
+  u32 smem_bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+  // wgmma's swizzle needs 1024-byte aligned tiles (no room is left to align by hand), and all SMEM bytes.
+  if ((Ks & 1023) || smem_bytes < SMEM) __trap();
+  const float scale_log2 = (float)scale;
+  const int key_tile = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int w = warp < 8 ? warp >> 2 : warp & 1;  // the pipeline (query half) this warp belongs to
+  const u32 Qs = Vs + KV_BYTES + w * NQ * Q_BYTES;  // this pipeline's NQ query buffers
+  float* Os = reinterpret_cast<float*>(smem + 2 * KV_BYTES + 2 * NQ * Q_BYTES + w * O_BYTES);
+  const u32 bars = Ks + 2 * KV_BYTES + 2 * NQ * Q_BYTES + 2 * O_BYTES + w * BAR_BYTES;
+  auto q_full = [&](int s) { return bars + 8 * s; };
+  auto q_empty = [&](int s) { return bars + 8 * (NQ + s); };
+  const u32 o_full = bars + 16 * NQ, o_empty = o_full + 8;
+
+  const i64 base = b * (i64)stride_b + (i64)h * D, stat_base = (i64)bh * L;
+  const i64 cell = (i64)bh * C + key_tile / tiles_per_block;
+  const i64 start = starts[cell];
+  const int count = (int)(starts[cell + 1] - start), ntiles = (count + BM - 1) / BM;
+  if (ntiles == 0) return;
+  const int* half_rows = rows + start + w * WM;  // + t * BM: this pipeline's rows of tile t
+  const int half_count = count - w * WM;         // its row r of tile t exists while t * BM + r < half_count
+
+  if (warp >= 8 && warp < 10 && lane == 0) {  // one thread per pipeline initialises its barriers
+    for (int s = 0; s < NQ; ++s) {
+      mbar_init(q_full(s), 32);
+      mbar_init(q_empty(s), 128);
+    }
+    mbar_init(o_full, 128);
+    mbar_init(o_empty, 1);
+  }
+  for (int i = threadIdx.x; i < BN * 16; i += THREADS) {  // K, V: 128 rows x 16 chunks of 16 B
+    const int r = i >> 4, c = i & 15;
+    const i64 src = base + (i64)(key_tile * BN + r) * stride_l + c * 8;
+    cp_async16(Ks + chunk_offset(r, c, BN), k + src, true);
+    cp_async16(Vs + chunk_offset(r, c, BN), v + src, true);
+  }
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+  fence_async_shared();
+  __syncthreads();
+
+  if (warp == 8 || warp == 9) {  // producer: gathers the pipeline's 64 rows of each tile (zeros past the end)
+    const int half = lane >> 4, c = lane & 15;
+    for (int t = 0; t < ntiles; ++t) {
+      const int s = t % NQ;
+      if (t >= NQ) mbar_wait(q_empty(s), (t / NQ - 1) & 1);
+      int my_rows[2];
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const int r = t * BM + 32 * m + lane;
+        my_rows[m] = r < half_count ? half_rows[r] : -1;
+      }
+#pragma unroll
+      for (int j = 0; j < WM / 2; ++j) {  // rows 2j and 2j + 1, one per half-warp, 16 chunks each
+        const int r = 2 * j + half, row = __shfl_sync(0xffffffffu, my_rows[j >> 4], r & 31);
+        cp_async16(Qs + s * Q_BYTES + chunk_offset(r, c, WM), q + base + (i64)(row < 0 ? 0 : row) * stride_l + c * 8,
+                   row >= 0);
+      }
+      asm volatile("cp.async.commit_group;" ::: "memory");
+      if (t > 0) {  // the previous tile's rows have landed: hand them to the consumers
+        asm volatile("cp.async.wait_group 1;" ::: "memory");
+        fence_async_shared();
+        mbar_arrive(q_full((t - 1) % NQ));
+      }
+    }
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    fence_async_shared();
+    mbar_arrive(q_full((ntiles - 1) % NQ));
+  } else if (warp >= 10) {  // reducer: adds each staged tile's valid rows to acc, one bulk reduce-add per row
+    for (int t = 0; t < ntiles; ++t) {
+      mbar_wait(o_full, t & 1);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r = lane + 32 * i;
+        if (t * BM + r < half_count) {
+          float* dst = acc + base + (i64)half_rows[t * BM + r] * stride_l;
+          asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst),
+                       "r"(smem_addr(Os + r * OSTRIDE)), "r"(D * 4)
+                       : "memory");
+        }
+      }
+      // One staging buffer per pipeline is all that fits: it is free once its rows have been read.
+      asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group.read 0;" ::: "memory");
+      __syncwarp();
+      if (lane == 0) mbar_arrive(o_empty);
+    }
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  } else {  // consumer warpgroup w: rows (warp % 4) * 16 + g and + 8 of its half (g = lane / 4, q4 = lane % 4)
+    const int g = lane >> 2, q4 = lane & 3, r0 = (warp & 3) * 16 + g, r1 = r0 + 8;
+    u32 key_ok = 0;  // bit 2 nt + e: key nt * 8 + 2 q4 + e of the tile is valid
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) key_ok |= (u32)(valid[key_tile * BN + nt * 8 + 2 * q4 + e] != 0) << (2 * nt + e);
+    float s[64], o[64];
+    u32 pa[8][4];
+    for (int t = 0; t < ntiles; ++t) {
+      const int st = t % NQ;
+      const bool ok0 = t * BM + r0 < half_count, ok1 = t * BM + r1 < half_count;
+      const int row0 = ok0 ? half_rows[t * BM + r0] : 0, row1 = ok1 ? half_rows[t * BM + r1] : 0;
+      const float off0 = ok0 ? offsets[stat_base + row0] : 0.f, off1 = ok1 ? offsets[stat_base + row1] : 0.f;
+      mbar_wait(q_full(st), (t / NQ) & 1);
+
+      const u32 qa = Qs + st * Q_BYTES;
+      fence_regs(s);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {  // 16 columns of D per step; 4 steps per 64-column half
+        const u32 col = (kk & 3) * 32;
+        wgmma_ss(s, desc(qa + (kk >> 2) * Q_BYTES / 2 + col, 16, 1024),
+                 desc(Ks + (kk >> 2) * KV_BYTES / 2 + col, 16, 1024), kk);
+      }
+      wgmma_commit_wait();
+      fence_regs(s);
+      mbar_arrive(q_empty(st));
+
+      // p = exp2(s * scale - offset) on valid keys, as bf16 A fragments of P V; row sums over the quad
+      float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        const bool v0 = key_ok >> (2 * nt) & 1, v1 = key_ok >> (2 * nt + 1) & 1;
+        const float p00 = v0 ? exp2f(s[4 * nt + 0] * scale_log2 - off0) : 0.f;
+        const float p01 = v1 ? exp2f(s[4 * nt + 1] * scale_log2 - off0) : 0.f;
+        const float p10 = v0 ? exp2f(s[4 * nt + 2] * scale_log2 - off1) : 0.f;
+        const float p11 = v1 ? exp2f(s[4 * nt + 3] * scale_log2 - off1) : 0.f;
+        sum0 += p00 + p01;
+        sum1 += p10 + p11;
+        pa[nt >> 1][(nt & 1) * 2 + 0] = pack(p00, p01);
+        pa[nt >> 1][(nt & 1) * 2 + 1] = pack(p10, p11);
+      }
+      sum0 += __shfl_xor_sync(0xffffffffu, sum0, 1);
+      sum0 += __shfl_xor_sync(0xffffffffu, sum0, 2);
+      sum1 += __shfl_xor_sync(0xffffffffu, sum1, 1);
+      sum1 += __shfl_xor_sync(0xffffffffu, sum1, 2);
+      if (q4 == 0) {
+        if (ok0) atomicAdd(rowsum + stat_base + row0, sum0);
+        if (ok1) atomicAdd(rowsum + stat_base + row1, sum1);
+      }
+
+      fence_regs(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk)  // 16 keys per step: 2 groups of 8 rows of V (SBO), 2 column halves (LBO)
+        wgmma_rs(o, pa[kk], desc(Vs + kk * 2048, KV_BYTES / 2, 1024), kk);
+      wgmma_commit_wait();
+      fence_regs(o);
+
+      if (t > 0) mbar_wait(o_empty, (t - 1) & 1);
+      const u32 orow0 = smem_addr(Os + r0 * OSTRIDE + 2 * q4), orow1 = smem_addr(Os + r1 * OSTRIDE + 2 * q4);
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        st_shared2(orow0 + nt * 32, o[4 * nt + 0], o[4 * nt + 1]);
+        st_shared2(orow1 + nt * 32, o[4 * nt + 2], o[4 * nt + 3]);
+      }
+      fence_async_shared();  // generic writes -> the bulk copies' reads
+      mbar_arrive(o_full);
+    }
+  }
+}
