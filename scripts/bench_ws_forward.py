@@ -1,6 +1,6 @@
 """The `keyed` forward's accumulation pass: the warp-specialised CUDA kernel against the Triton pass.
 
-Times `vmoba._keyed_cuda.accumulate` (vmoba/_keyed_forward.cu: wgmma consumer warpgroups, cp.async gather
+Times `vmoba._keyed_cuda.accumulate` (vmoba/_keyed.cu: wgmma consumer warpgroups, cp.async gather
 warps, TMA bulk reduce-add warps; docs/benchmarks.md, notes 24-25) against `keyed`'s Triton pass 1 on the
 same inputs, selection, row lists and norm-bound offsets, in one process. Checks first that both add the
 same values (relative difference of the accumulator and of the row sums <= 1e-4, or it exits non-zero).
@@ -68,8 +68,41 @@ def main(argv=None):
         sys.exit("the CUDA pass does not add what the Triton pass adds")
     t_triton, t_cuda = (timed(fn, 1, args.iters) for fn in (triton_pass, cuda_pass))
     print(
-        f"Triton pass {t_triton:.2f} ms, warp-specialised CUDA pass {t_cuda:.2f} ms: {t_triton / t_cuda:.2f}x "
-        "(both include zeroing their two fp32 outputs)"
+        f"forward: Triton pass {t_triton:.2f} ms, warp-specialised CUDA pass {t_cuda:.2f} ms: "
+        f"{t_triton / t_cuda:.2f}x (both include zeroing their two fp32 outputs)"
+    )
+
+    # The backward, from the forward's lse and a random output gradient.
+    out_b, lse = torch.empty_like(qb), torch.empty_like(offsets)
+    keyed._rowwise(keyed._kernels().finish, acc0, offsets, sum0, out_b, lse)
+    do = torch.randn_like(qb)
+    delta = torch.empty_like(lse)
+    keyed._rowwise(keyed._kernels().row_dot, do, out_b, delta)
+
+    def triton_backward():
+        dq, dk, dv = torch.zeros(qb.shape, device="cuda"), torch.empty_like(kb), torch.empty_like(vb)
+        keyed._launch(2, qb, kb, vb, dq, lse, delta, starts, rows, valid8, do=do, dk=dk, dv=dv)
+        return dq, dk, dv
+
+    def cuda_backward():
+        dq, dk, dv = torch.zeros(qb.shape, device="cuda"), torch.empty_like(kb), torch.empty_like(vb)
+        _keyed_cuda.backward(qb, kb, vb, do, dq, dk, dv, lse, delta, starts, rows, valid8)
+        return dq, dk, dv
+
+    ref, got = triton_backward(), cuda_backward()
+    diffs = [
+        ((new.float() - old.float()).abs().max() / old.float().abs().max()).item()
+        for new, old in zip(got, ref)
+    ]
+    print(
+        "backward, relative difference to the Triton backward: "
+        + ", ".join(f"{n} {d:.1e}" for n, d in zip(("dq", "dk", "dv"), diffs))
+    )
+    if max(diffs) > 2e-2:  # dk, dv are bf16: 2^-8 relative rounding, summed differently
+        sys.exit("the CUDA backward does not compute what the Triton backward computes")
+    t_triton, t_cuda = (timed(fn, 1, args.iters) for fn in (triton_backward, cuda_backward))
+    print(
+        f"backward: Triton {t_triton:.2f} ms, warp-specialised CUDA {t_cuda:.2f} ms: {t_triton / t_cuda:.2f}x"
     )
 
 

@@ -612,9 +612,8 @@ def test_keyed_cuda_source_compiles_for_hopper_with_nvrtc():
         _get_gpu_rtc_library()
     except (ImportError, OSError, RuntimeError) as e:
         pytest.skip(f"no NVRTC in this PyTorch: {e}")
-    cubin, name = _nvrtc_compile(
-        _keyed_cuda.SOURCE.read_text(), "keyed_forward", "90a", None, _keyed_cuda.OPTIONS
-    )
-    assert name == "keyed_forward"  # extern "C": the name the loader asks for
-    assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
+    for kernel in _keyed_cuda.SMEM:
+        cubin, name = _nvrtc_compile(_keyed_cuda.SOURCE.read_text(), kernel, "90a", None, _keyed_cuda.OPTIONS)
+        assert name == kernel  # extern "C": the name the loader asks for
+        assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
     assert not _keyed_cuda.usable(torch.empty(1, 128, 2, 128, dtype=torch.bfloat16))  # CPU tensors: Triton's

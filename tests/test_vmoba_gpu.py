@@ -383,7 +383,7 @@ def test_selection_stats_of_a_token_selection_match_the_cpu():
 
 
 def test_keyed_cuda_pass_is_as_accurate_as_the_triton_pass():
-    # The Hopper forward pass (vmoba/_keyed_forward.cu) against Triton's pass 1 and an fp64 reference of
+    # The Hopper forward pass (vmoba/_keyed.cu) against Triton's pass 1 and an fp64 reference of
     # what both add: padded blocks (invalid keys), row lists of every length mod 64, two batches, 3 heads.
     keyed = keyed_or_skip()
     from vmoba import _keyed_cuda

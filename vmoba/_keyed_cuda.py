@@ -1,9 +1,10 @@
-"""The `keyed` forward's accumulation pass on Hopper: `_keyed_forward.cu`, compiled at first use by NVRTC.
+"""The `keyed` kernels on Hopper: `_keyed.cu` (forward pass 1 and the backward), compiled by NVRTC.
 
 Triton cannot schedule what this pass needs on an H100/H200 (docs/benchmarks.md, notes 22-25): the 36.7 GB
 of fp32 rows it adds at 55K tokens and 25% density cost >= 9.9 ms however they are issued, so they have to
 run under the matrix products, from a warp of their own (TMA bulk reduce-adds), beside warpgroups on
-wgmma. The CUDA kernel does that and adds exactly what Triton's pass 1 adds (to fp32 rounding).
+wgmma. The CUDA kernels do that: the forward adds exactly what Triton's pass 1 adds, the backward computes
+what Triton's backward does (both to fp32 rounding), with dq added by bulk reduce-adds.
 
 NVRTC ships with PyTorch's CUDA wheels (no toolkit, no nvcc) and `torch.cuda._compile_kernel` wraps it;
 the kernel includes no headers. Used on sm_90 for bf16 with D = 128, unless `VMOBA_KEYED_CUDA=0`; any
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("_keyed_forward.cu")
-SMEM = 198_752  # the kernel's SMEM constant (it traps if launched with less)
+SOURCE = Path(__file__).with_name("_keyed.cu")
+SMEM = {"keyed_forward": 198_752, "keyed_backward": 199_728}  # the kernels trap if given less
 THREADS = 384
 BLOCK = 128  # keys per program, gathered query rows per tile
 OPTIONS = ["--use_fast_math", "-std=c++17"]  # NVRTC's; fast math: exp2f as ex2.approx, as Triton's exp2
@@ -28,7 +29,7 @@ _INT32_MAX = 2**31 - 1
 
 
 def usable(qb: torch.Tensor) -> bool:
-    """Whether the CUDA pass can take q [B, L, H, D] (block order, contiguous): sm_90, bf16, D = 128."""
+    """Whether the CUDA kernels can take q [B, L, H, D] (block order, contiguous): sm_90, bf16, D = 128."""
     return (
         os.environ.get("VMOBA_KEYED_CUDA", "1") != "0"
         and qb.is_cuda
@@ -36,28 +37,42 @@ def usable(qb: torch.Tensor) -> bool:
         and qb.shape[-1] == 128
         and qb.stride(0) <= _INT32_MAX
         and torch.cuda.get_device_capability(qb.device) == (9, 0)
-        and _kernel(qb.device.index) is not None
+        and _kernels(qb.device.index) is not None
     )
 
 
 @functools.cache
-def _kernel(device: int):
-    """The compiled kernel for one GPU, or None (warned) when NVRTC is missing or fails."""
+def _kernels(device: int):
+    """The compiled kernels ({name: kernel}) for one GPU, or None (warned) when NVRTC is missing or fails."""
     try:
+        kernels = {}
         with torch.cuda.device(device):
-            kernel = torch.cuda._compile_kernel(
-                SOURCE.read_text(), "keyed_forward", "90a", nvcc_options=list(OPTIONS)
-            )
-            kernel.set_shared_memory_config(SMEM)
-        return kernel
-    except Exception as e:  # noqa: BLE001  (any failure means: use the Triton pass)
+            for name, smem in SMEM.items():
+                kernels[name] = torch.cuda._compile_kernel(
+                    SOURCE.read_text(), name, "90a", nvcc_options=list(OPTIONS)
+                )
+                kernels[name].set_shared_memory_config(smem)
+        return kernels
+    except Exception as e:  # noqa: BLE001  (any failure means: use the Triton kernels)
         warnings.warn(
             f"vmoba: could not compile {SOURCE.name} with NVRTC ({type(e).__name__}: {e}); token "
-            "granularity's forward uses its Triton pass instead (slower on Hopper). Set VMOBA_KEYED_CUDA=0 "
-            "to skip the attempt.",
+            "granularity uses its Triton kernels instead (slower on Hopper). Set VMOBA_KEYED_CUDA=0 to skip "
+            "the attempt.",
             stacklevel=3,
         )
         return None
+
+
+def _run(name: str, qb: torch.Tensor, starts: torch.Tensor, *args) -> None:
+    """Launch kernel `name` over (128-key tile, b * H + h), with the shape arguments both kernels end with."""
+    B, L, H, D = qb.shape
+    C = (starts.shape[0] - 1) // (B * H)
+    _kernels(qb.device.index)[name](
+        grid=(L // BLOCK, B * H, 1),
+        block=(THREADS, 1, 1),
+        args=[*args, L, C, H, L // BLOCK // C, qb.stride(0), qb.stride(1), D**-0.5],
+        shared_mem=SMEM[name],
+    )
 
 
 def accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid) -> None:
@@ -69,12 +84,14 @@ def accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid) -> None:
         offsets, row_sum: fp32 [B, H, L] (log2 units); starts, rows: `keyed.row_lists` (C key blocks of a
         multiple of 128 slots); valid: uint8 [L].
     """
-    B, L, H, D = qb.shape
-    C = (starts.shape[0] - 1) // (B * H)
-    _kernel(qb.device.index)(
-        grid=(L // BLOCK, B * H, 1),
-        block=(THREADS, 1, 1),
-        args=[qb, kb, vb, acc, row_sum, offsets, starts, rows, valid, L, C, H, L // BLOCK // C,
-              qb.stride(0), qb.stride(1), D**-0.5 * 1.4426950408889634],
-        shared_mem=SMEM,
-    )  # fmt: skip
+    _run("keyed_forward", qb, starts, qb, kb, vb, acc, row_sum, offsets, starts, rows, valid)
+
+
+def backward(qb, kb, vb, do, dq, dk, dv, lse, delta, starts, rows, valid) -> None:
+    """The backward of `keyed` (its Triton PASS 2): add dq to the fp32 `dq`, write `dk`, `dv`.
+
+    Args:
+        qb, kb, vb, do: [B, L, H, 128] bf16 block order, contiguous; dq: fp32 [B, L, H, 128]; dk, dv: like kb;
+        lse (log2 units), delta (rowsum(dO * O)): fp32 [B, H, L]; starts, rows, valid: as for `accumulate`.
+    """
+    _run("keyed_backward", qb, starts, qb, kb, vb, do, dq, dk, dv, lse, delta, starts, rows, valid)

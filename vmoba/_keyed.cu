@@ -1,9 +1,9 @@
-// The `keyed` forward's accumulation pass as a warp-specialised Hopper kernel (sm_90a: wgmma, TMA bulk
-// reduce-adds), compiled at first use by NVRTC (vmoba/_keyed_cuda.py); no headers, so NVRTC needs no toolkit.
-// Same contract as pass 1 of vmoba/_keyed_kernels.py (bf16, D = 128): per key tile, the gathered query rows'
-// p = exp2(s * scale_log2 - offset) (s = q.k) on valid keys, p @ v added to the fp32 accumulator and the row
-// sums of p to rowsum. docs/benchmarks.md, note 25.
+// The `keyed` kernels as warp-specialised Hopper kernels (sm_90a: wgmma, TMA bulk reduce-adds), compiled at
+// first use by NVRTC (vmoba/_keyed_cuda.py); no headers, so NVRTC needs no toolkit. Same contracts as PASS 1
+// and PASS 2 of vmoba/_keyed_kernels.py (bf16, D = 128). docs/benchmarks.md, note 25.
 //
+// keyed_forward: per key tile, the gathered query rows' p = exp2(s * scale_log2 - offset) (s = q.k) on valid
+// keys, p @ v added to the fp32 accumulator and the row sums of p to rowsum.
 // Program (key tile of 128 keys, b * H + h): K, V in shared memory, and two independent pipelines, one per
 // 64-row half of each 128-row query tile: a consumer warpgroup (S = Q K^T and O = P V by wgmma, P from
 // registers), a producer warp (cp.async row gathers into two query buffers) and a reducer warp (a TMA bulk
@@ -20,14 +20,15 @@ typedef unsigned short bf16;
   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, " \
   "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 
+#define D_REGS32 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, " \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+
 namespace {
 
-constexpr int D = 128, BN = 128, BM = 128, WM = 64, NQ = 2, THREADS = 384;
-constexpr int KV_BYTES = BN * D * 2, Q_BYTES = WM * D * 2;  // a key tile; a warpgroup's 64 query rows
+constexpr int D = 128, BN = 128;  // head dim; keys per program
+constexpr int KV_BYTES = BN * D * 2;  // a key tile
 constexpr int OSTRIDE = D + 4;  // fp32 per staged output row: 528 B, 16-B aligned, conflict-free fragment writes
-constexpr int O_BYTES = WM * OSTRIDE * 4;
-constexpr int BAR_BYTES = 8 * (2 * NQ + 2);  // a pipeline's mbarriers
-constexpr int SMEM = 2 * KV_BYTES + 2 * NQ * Q_BYTES + 2 * O_BYTES + 2 * BAR_BYTES;
+constexpr int O_BYTES = 64 * OSTRIDE * 4;  // 64 staged rows
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 // Byte offset of 16-byte chunk c (0..15) of row r in a swizzled [2][rows][128 B] tile.
@@ -67,9 +68,10 @@ __device__ __forceinline__ void wgmma_commit_wait() {
   asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;" ::: "memory");
 }
 // Keeps the compiler from moving accumulator reads or writes across the asynchronous products.
+template <int N = 64>
 __device__ __forceinline__ void fence_regs(float* d) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 // D[64 x 128] (+)= A[64 x 16] B[16 x 128]; A, B from shared memory, both K-major.
 __device__ __forceinline__ void wgmma_ss(float* d, u64 a, u64 b, int accumulate) {
@@ -101,6 +103,18 @@ __device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 b, int accu
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
 }
 
+// D[64 x 64] (+)= A[64 x 16] B[16 x 64], A and B from shared memory; TA / TB: MN-major (transposed) operand.
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_ss64(float* d, u64 a, u64 b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {" D_REGS32 "}, %32, %33, p, 1, 1, %35, %36;\n}"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));
+}
 __device__ __forceinline__ u32 pack(float lo, float hi) {  // two bf16, lo in the low half
   u32 v;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(hi), "f"(lo));
@@ -110,21 +124,29 @@ __device__ __forceinline__ u32 pack(float lo, float hi) {  // two bf16, lo in th
 
 }  // namespace
 
+namespace fwd {
+constexpr int BM = 128, WM = 64, NQ = 2, THREADS = 384;  // query rows per tile and per warpgroup
+constexpr int Q_BYTES = WM * D * 2;                      // a warpgroup's 64 query rows
+constexpr int BAR_BYTES = 8 * (2 * NQ + 2);              // a pipeline's mbarriers
+constexpr int SMEM = 2 * KV_BYTES + 2 * NQ * Q_BYTES + 2 * O_BYTES + 2 * BAR_BYTES;
+}  // namespace fwd
+
 // Launch: grid (L / 128, B * H), 384 threads, SMEM = 198,752 bytes of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
     keyed_forward(const bf16* q, const bf16* k, const bf16* v,  // [B, L, H, D] block order
                   float* acc, float* rowsum,                    // [B, L, H, D] and [B, H, L], added to
                   const float* offsets,                         // [B, H, L], log2 units
                   const i64* starts, const int* rows,       // CSR row lists per (b, h, block)
                   const unsigned char* valid,                   // [L]
                   int L, int C, int H, int tiles_per_block, int stride_b, int stride_l, double scale) {
+  using namespace fwd;
   extern __shared__ __align__(1024) unsigned char smem[];
   const u32 Ks = smem_addr(smem), Vs = Ks + KV_BYTES;
   u32 smem_bytes;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
   // wgmma's swizzle needs 1024-byte aligned tiles (no room is left to align by hand), and all SMEM bytes.
   if ((Ks & 1023) || smem_bytes < SMEM) __trap();
-  const float scale_log2 = (float)scale;
+  const float scale_log2 = (float)(scale * 1.4426950408889634);  // scale = D^-0.5
   const int key_tile = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int w = warp < 8 ? warp >> 2 : warp & 1;  // the pipeline (query half) this warp belongs to
@@ -277,5 +299,238 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
       fence_async_shared();  // generic writes -> the bulk copies' reads
       mbar_arrive(o_full);
     }
+  }
+}
+
+namespace bwd {
+constexpr int BM = 64, NQ = 2, THREADS = 384;
+constexpr int ROWS_BYTES = BM * D * 2;              // 64 gathered rows of q or dO
+constexpr int STAGE_BYTES = 2 * ROWS_BYTES + 1024;  // q, dO, then the rows' lse and delta (1024: alignment)
+constexpr int DS_BYTES = BN * BM * 2;               // ds^T, [128 keys][64 queries] bf16
+constexpr int SMEM = 2 * KV_BYTES + NQ * STAGE_BYTES + 2 * DS_BYTES + O_BYTES + 8 * (2 * NQ + 2);
+}  // namespace bwd
+
+// The backward (dq added, dk and dv written), FlashAttention-3's key-major loop over each key tile's gathered
+// query tiles: two consumer warpgroups (64 keys each: s^T = k q^T, dp^T = v do^T, dv += p^T do, dk += ds^T q;
+// then dq = ds k, 64 columns of D each, from ds^T in shared memory), two producer warps (cp.async gathers of
+// q, and of dO with the rows' lse and delta), one reducer warp (TMA bulk reduce-adds of the staged dq rows).
+// Launch: grid (L / 128, B * H), 384 threads, bwd::SMEM = 199,728 bytes of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
+    keyed_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,  // [B, L, H, D] block order
+                   float* dq, bf16* dk, bf16* dv,        // dq [B, L, H, D] fp32, added to; dk, dv written
+                   const float* lse, const float* delta,  // [B, H, L]; lse in log2 units
+                   const i64* starts, const int* rows, const unsigned char* valid,
+                   int L, int C, int H, int tiles_per_block, int stride_b, int stride_l, double scale) {
+  using namespace bwd;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const u32 Ks = smem_addr(smem), Vs = Ks + KV_BYTES, stages = Vs + KV_BYTES, dS = stages + NQ * STAGE_BYTES;
+  float* Os = reinterpret_cast<float*>(smem + 2 * KV_BYTES + NQ * STAGE_BYTES + 2 * DS_BYTES);
+  const u32 bars = smem_addr(Os) + O_BYTES;
+  u32 smem_bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
+  if ((Ks & 1023) || smem_bytes < SMEM) __trap();
+  auto q_full = [&](int s) { return bars + 8 * s; };
+  auto q_empty = [&](int s) { return bars + 8 * (NQ + s); };
+  const u32 o_full = bars + 16 * NQ, o_empty = o_full + 8;
+  const float sm_scale = (float)scale, scale_log2 = (float)(scale * 1.4426950408889634);
+
+  const int key_tile = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const i64 base = b * (i64)stride_b + (i64)h * D, stat_base = (i64)bh * L;
+  const i64 cell = (i64)bh * C + key_tile / tiles_per_block;
+  const i64 start = starts[cell];
+  const int count = (int)(starts[cell + 1] - start), ntiles = (count + BM - 1) / BM;
+  const int* tile_rows = rows + start;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < NQ; ++s) {
+      mbar_init(q_full(s), 64);
+      mbar_init(q_empty(s), 256);
+    }
+    mbar_init(o_full, 256);
+    mbar_init(o_empty, 1);
+  }
+  for (int i = threadIdx.x; i < BN * 16; i += THREADS) {  // K, V: 128 rows x 16 chunks of 16 B
+    const int r = i >> 4, c = i & 15;
+    const i64 src = base + (i64)(key_tile * BN + r) * stride_l + c * 8;
+    cp_async16(Ks + chunk_offset(r, c, BN), k + src, true);
+    cp_async16(Vs + chunk_offset(r, c, BN), v + src, true);
+  }
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+  fence_async_shared();
+  __syncthreads();
+
+  if (warp >= 8) {  // the third warpgroup: registers to the consumers, then two producers and a reducer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
+    if (warp == 8 || warp == 9) {  // warp 8 gathers q rows, warp 9 dO rows and their lse, delta
+      const bf16* src = warp == 8 ? q : dout;
+      const int half = lane >> 4, c = lane & 15;
+      for (int t = 0; t < ntiles; ++t) {
+        const int s = t % NQ;
+        if (t >= NQ) mbar_wait(q_empty(s), (t / NQ - 1) & 1);
+        const u32 stage = stages + s * STAGE_BYTES;
+        int my_rows[2];
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const int idx = t * BM + 32 * m + lane;
+          my_rows[m] = idx < count ? tile_rows[idx] : -1;
+        }
+        if (warp == 9) {  // past the list's end: lse = +inf, so p = 0 there
+          float* stat = reinterpret_cast<float*>(smem + (stage - Ks) + 2 * ROWS_BYTES);
+#pragma unroll
+          for (int m = 0; m < 2; ++m) {
+            const int row = my_rows[m];
+            stat[32 * m + lane] = row >= 0 ? lse[stat_base + row] : __int_as_float(0x7f800000);
+            stat[BM + 32 * m + lane] = row >= 0 ? delta[stat_base + row] : 0.f;
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+#pragma unroll 4
+          for (int j = 0; j < 16; ++j) {  // rows 32 m + 2j and + 1, one per half-warp, 16 chunks each
+            const int r = 32 * m + 2 * j + half, row = __shfl_sync(0xffffffffu, my_rows[m], r & 31);
+            cp_async16(stage + (warp - 8) * ROWS_BYTES + chunk_offset(r, c, BM),
+                       src + base + (i64)(row < 0 ? 0 : row) * stride_l + c * 8, row >= 0);
+          }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        if (t > 0) {  // the previous tile's rows have landed: hand them to the consumers
+          asm volatile("cp.async.wait_group 1;" ::: "memory");
+          fence_async_shared();
+          mbar_arrive(q_full((t - 1) % NQ));
+        }
+      }
+      if (ntiles > 0) {
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        fence_async_shared();
+        mbar_arrive(q_full((ntiles - 1) % NQ));
+      }
+    } else if (warp == 10) {  // reducer: adds each staged tile's valid dq rows, one bulk reduce-add per row
+      for (int t = 0; t < ntiles; ++t) {
+        mbar_wait(o_full, t & 1);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = lane + 32 * i;
+          if (t * BM + r < count) {
+            float* dst = dq + base + (i64)tile_rows[t * BM + r] * stride_l;
+            asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst),
+                         "r"(smem_addr(Os + r * OSTRIDE)), "r"(D * 4)
+                         : "memory");
+          }
+        }
+        asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group.read 0;" ::: "memory");
+        __syncwarp();
+        if (lane == 0) mbar_arrive(o_empty);
+      }
+      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    }
+    return;
+  }
+
+  // Consumer warpgroup w: key rows 64 w + k0 and + k1 of the tile (k0 = (warp % 4) * 16 + g, k1 = k0 + 8);
+  // in dq, query rows k0, k1 and columns 64 w + 8 nt + 2 q4 (g = lane / 4, q4 = lane % 4).
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
+  const int w = warp >> 2, g = lane >> 2, q4 = lane & 3, k0 = (warp & 3) * 16 + g, k1 = k0 + 8;
+  const bool kok0 = valid[key_tile * BN + w * 64 + k0] != 0, kok1 = valid[key_tile * BN + w * 64 + k1] != 0;
+  const u32 ka = Ks + w * 64 * 128, va = Vs + w * 64 * 128;  // this warpgroup's keys in each column half
+  const u32 ostage0 = smem_addr(Os + k0 * OSTRIDE + w * 64 + 2 * q4), ostage1 = ostage0 + 8 * OSTRIDE * 4;
+  float dk_acc[64], dv_acc[64], sp[32], dp[32], dqa[32];
+  u32 pa[4][4], da[4][4];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+  for (int t = 0; t < ntiles; ++t) {
+    const int s = t % NQ;
+    const u32 qs = stages + s * STAGE_BYTES, dos = qs + ROWS_BYTES, dsb = dS + (t & 1) * DS_BYTES;
+    const float* stat = reinterpret_cast<const float*>(smem + (qs - Ks) + 2 * ROWS_BYTES);
+    mbar_wait(q_full(s), (t / NQ) & 1);
+
+    // s^T = k q^T and dp^T = v do^T, [64 keys x 64 queries]: 8 steps of 16 columns of D each
+    fence_regs<32>(sp);
+    fence_regs<32>(dp);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const u32 col = (kk & 3) * 32, hk = (kk >> 2) * KV_BYTES / 2, hq = (kk >> 2) * ROWS_BYTES / 2;
+      wgmma_ss64<0, 0>(sp, desc(ka + hk + col, 16, 1024), desc(qs + hq + col, 16, 1024), kk);
+    }
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      const u32 col = (kk & 3) * 32, hk = (kk >> 2) * KV_BYTES / 2, hq = (kk >> 2) * ROWS_BYTES / 2;
+      wgmma_ss64<0, 0>(dp, desc(va + hk + col, 16, 1024), desc(dos + hq + col, 16, 1024), kk);
+    }
+    wgmma_commit_wait();
+    fence_regs<32>(sp);
+    fence_regs<32>(dp);
+
+    // p^T = exp2(s^T * scale - lse) on valid keys, ds^T = p^T (dp^T - delta); as bf16 A fragments
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int col = 8 * nt + 2 * q4;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float l = stat[col + (e & 1)], dl = stat[BM + col + (e & 1)];
+        const float p = (e < 2 ? kok0 : kok1) ? exp2f(sp[4 * nt + e] * scale_log2 - l) : 0.f;
+        sp[4 * nt + e] = p;
+        dp[4 * nt + e] = p * (dp[4 * nt + e] - dl);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        pa[kk][i] = pack(sp[8 * kk + 2 * i], sp[8 * kk + 2 * i + 1]);
+        da[kk][i] = pack(dp[8 * kk + 2 * i], dp[8 * kk + 2 * i + 1]);
+      }
+    // ds^T into shared memory for dq (both warpgroups' halves): rows 64 w + k0, k1; chunk nt swizzled by row
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const u32 chunk = ((nt ^ g) << 4) + 4 * q4;  // (64 w + k0) % 8 == (64 w + k1) % 8 == g
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(dsb + (w * 64 + k0) * 128 + chunk), "r"(da[nt >> 1][(nt & 1) * 2]) : "memory");
+      asm volatile("st.shared.b32 [%0], %1;" ::"r"(dsb + (w * 64 + k1) * 128 + chunk), "r"(da[nt >> 1][(nt & 1) * 2 + 1]) : "memory");
+    }
+    fence_async_shared();
+
+    // dv += p^T do, dk += ds^T q, [64 keys x 128]: 4 steps of 16 queries
+    fence_regs(dv_acc);
+    fence_regs(dk_acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs(dv_acc, pa[kk], desc(dos + kk * 2048, ROWS_BYTES / 2, 1024), 1);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs(dk_acc, da[kk], desc(qs + kk * 2048, ROWS_BYTES / 2, 1024), 1);
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("bar.sync 1, 256;" ::: "memory");  // both warpgroups' ds^T are in shared memory
+
+    // dq[:, 64 w : 64 w + 64] = ds k: 8 steps of 16 keys; ds (MN-major A) and k (MN-major B)
+    fence_regs<32>(dqa);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk)
+      wgmma_ss64<1, 1>(dqa, desc(dsb + kk * 2048, ROWS_BYTES / 2, 1024),
+                       desc(Ks + w * KV_BYTES / 2 + kk * 2048, KV_BYTES / 2, 1024), kk);
+    wgmma_commit_wait();
+    fence_regs(dv_acc);
+    fence_regs(dk_acc);
+    fence_regs<32>(dqa);
+    mbar_arrive(q_empty(s));  // q and dO of this stage are read
+
+    if (t > 0) mbar_wait(o_empty, (t - 1) & 1);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      st_shared2(ostage0 + nt * 32, dqa[4 * nt + 0] * sm_scale, dqa[4 * nt + 1] * sm_scale);
+      st_shared2(ostage1 + nt * 32, dqa[4 * nt + 2] * sm_scale, dqa[4 * nt + 3] * sm_scale);
+    }
+    fence_async_shared();  // generic writes -> the bulk copies' reads
+    mbar_arrive(o_full);
+  }
+
+  // dk (scaled) and dv of this warpgroup's 64 keys, as bf16 pairs
+  const i64 krow0 = base + (i64)(key_tile * BN + w * 64 + k0) * stride_l + 2 * q4, krow1 = krow0 + 8 * (i64)stride_l;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    *reinterpret_cast<u32*>(dk + krow0 + 8 * nt) = pack(dk_acc[4 * nt + 0] * sm_scale, dk_acc[4 * nt + 1] * sm_scale);
+    *reinterpret_cast<u32*>(dk + krow1 + 8 * nt) = pack(dk_acc[4 * nt + 2] * sm_scale, dk_acc[4 * nt + 3] * sm_scale);
+    *reinterpret_cast<u32*>(dv + krow0 + 8 * nt) = pack(dv_acc[4 * nt + 0], dv_acc[4 * nt + 1]);
+    *reinterpret_cast<u32*>(dv + krow1 + 8 * nt) = pack(dv_acc[4 * nt + 2], dv_acc[4 * nt + 3]);
   }
 }
