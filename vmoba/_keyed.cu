@@ -115,6 +115,11 @@ __device__ __forceinline__ void wgmma_ss64(float* d, u64 a, u64 b, int accumulat
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(a), "l"(b), "r"(accumulate), "n"(TA), "n"(TB));
 }
+// A warp's share of rows first + lane and first + 32 + lane of a row list of n (-1 past its end).
+__device__ __forceinline__ void warp_rows(const int* list, int first, int n, int lane, int* out) {
+#pragma unroll
+  for (int m = 0; m < 2; ++m) out[m] = first + 32 * m + lane < n ? list[first + 32 * m + lane] : -1;
+}
 __device__ __forceinline__ u32 pack(float lo, float hi) {  // two bf16, lo in the low half
   u32 v;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(hi), "f"(lo));
@@ -185,15 +190,13 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
 
   if (warp == 8 || warp == 9) {  // producer: gathers the pipeline's 64 rows of each tile (zeros past the end)
     const int half = lane >> 4, c = lane & 15;
+    int my_rows[2], next_rows[2];
+    warp_rows(half_rows, 0, half_count, lane, next_rows);
     for (int t = 0; t < ntiles; ++t) {
       const int s = t % NQ;
       if (t >= NQ) mbar_wait(q_empty(s), (t / NQ - 1) & 1);
-      int my_rows[2];
-#pragma unroll
-      for (int m = 0; m < 2; ++m) {
-        const int r = t * BM + 32 * m + lane;
-        my_rows[m] = r < half_count ? half_rows[r] : -1;
-      }
+      my_rows[0] = next_rows[0];
+      my_rows[1] = next_rows[1];
 #pragma unroll
       for (int j = 0; j < WM / 2; ++j) {  // rows 2j and 2j + 1, one per half-warp, 16 chunks each
         const int r = 2 * j + half, row = __shfl_sync(0xffffffffu, my_rows[j >> 4], r & 31);
@@ -201,6 +204,7 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
                    row >= 0);
       }
       asm volatile("cp.async.commit_group;" ::: "memory");
+      warp_rows(half_rows, (t + 1) * BM, half_count, lane, next_rows);  // loads under this tile's copies
       if (t > 0) {  // the previous tile's rows have landed: hand them to the consumers
         asm volatile("cp.async.wait_group 1;" ::: "memory");
         fence_async_shared();
@@ -238,11 +242,15 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
       for (int e = 0; e < 2; ++e) key_ok |= (u32)(valid[key_tile * BN + nt * 8 + 2 * q4 + e] != 0) << (2 * nt + e);
     float s[64], o[64];
     u32 pa[8][4];
+    // This thread's two rows of each tile and their offsets, loaded a tile ahead (their latency under the
+    // products): the row indices at the start of the previous tile, the offsets after its s.
+    bool ok0 = r0 < half_count, ok1 = r1 < half_count;
+    int row0 = ok0 ? half_rows[r0] : 0, row1 = ok1 ? half_rows[r1] : 0;
+    float off0 = ok0 ? offsets[stat_base + row0] : 0.f, off1 = ok1 ? offsets[stat_base + row1] : 0.f;
     for (int t = 0; t < ntiles; ++t) {
       const int st = t % NQ;
-      const bool ok0 = t * BM + r0 < half_count, ok1 = t * BM + r1 < half_count;
-      const int row0 = ok0 ? half_rows[t * BM + r0] : 0, row1 = ok1 ? half_rows[t * BM + r1] : 0;
-      const float off0 = ok0 ? offsets[stat_base + row0] : 0.f, off1 = ok1 ? offsets[stat_base + row1] : 0.f;
+      const bool nok0 = (t + 1) * BM + r0 < half_count, nok1 = (t + 1) * BM + r1 < half_count;
+      const int nrow0 = nok0 ? half_rows[(t + 1) * BM + r0] : 0, nrow1 = nok1 ? half_rows[(t + 1) * BM + r1] : 0;
       mbar_wait(q_full(st), (t / NQ) & 1);
 
       const u32 qa = Qs + st * Q_BYTES;
@@ -257,6 +265,7 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
       wgmma_commit_wait();
       fence_regs(s);
       mbar_arrive(q_empty(st));
+      const float noff0 = nok0 ? offsets[stat_base + nrow0] : 0.f, noff1 = nok1 ? offsets[stat_base + nrow1] : 0.f;
 
       // p = exp2(s * scale - offset) on valid keys, as bf16 A fragments of P V; row sums over the quad
       float sum0 = 0.f, sum1 = 0.f;
@@ -298,6 +307,7 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
       }
       fence_async_shared();  // generic writes -> the bulk copies' reads
       mbar_arrive(o_full);
+      ok0 = nok0, ok1 = nok1, row0 = nrow0, row1 = nrow1, off0 = noff0, off1 = noff1;
     }
   }
 }
@@ -365,25 +375,14 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
     if (warp == 8 || warp == 9) {  // warp 8 gathers q rows, warp 9 dO rows and their lse, delta
       const bf16* src = warp == 8 ? q : dout;
       const int half = lane >> 4, c = lane & 15;
+      int my_rows[2], next_rows[2];
+      warp_rows(tile_rows, 0, count, lane, next_rows);
       for (int t = 0; t < ntiles; ++t) {
         const int s = t % NQ;
         if (t >= NQ) mbar_wait(q_empty(s), (t / NQ - 1) & 1);
         const u32 stage = stages + s * STAGE_BYTES;
-        int my_rows[2];
-#pragma unroll
-        for (int m = 0; m < 2; ++m) {
-          const int idx = t * BM + 32 * m + lane;
-          my_rows[m] = idx < count ? tile_rows[idx] : -1;
-        }
-        if (warp == 9) {  // past the list's end: lse = +inf, so p = 0 there
-          float* stat = reinterpret_cast<float*>(smem + (stage - Ks) + 2 * ROWS_BYTES);
-#pragma unroll
-          for (int m = 0; m < 2; ++m) {
-            const int row = my_rows[m];
-            stat[32 * m + lane] = row >= 0 ? lse[stat_base + row] : __int_as_float(0x7f800000);
-            stat[BM + 32 * m + lane] = row >= 0 ? delta[stat_base + row] : 0.f;
-          }
-        }
+        my_rows[0] = next_rows[0];
+        my_rows[1] = next_rows[1];
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
 #pragma unroll 4
@@ -394,6 +393,16 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
           }
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
+        if (warp == 9) {  // past the list's end: lse = +inf, so p = 0 there
+          float* stat = reinterpret_cast<float*>(smem + (stage - Ks) + 2 * ROWS_BYTES);
+#pragma unroll
+          for (int m = 0; m < 2; ++m) {
+            const int row = my_rows[m];
+            stat[32 * m + lane] = row >= 0 ? lse[stat_base + row] : __int_as_float(0x7f800000);
+            stat[BM + 32 * m + lane] = row >= 0 ? delta[stat_base + row] : 0.f;
+          }
+        }
+        warp_rows(tile_rows, (t + 1) * BM, count, lane, next_rows);  // loads under this tile's copies
         if (t > 0) {  // the previous tile's rows have landed: hand them to the consumers
           asm volatile("cp.async.wait_group 1;" ::: "memory");
           fence_async_shared();
