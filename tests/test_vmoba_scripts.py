@@ -45,7 +45,7 @@ def test_bench_attention_options_parse():
     [
         ("bench_keyed_tiles", ["--tiles", "64,128,4,1"], "needs a CUDA GPU"),
         ("bench_scatter", ["--density", "0.5"], "needs an sm90+ CUDA GPU"),
-        ("bench_ws_forward", ["--grid", "8x16x16"], "needs an sm90+ CUDA GPU"),
+        ("bench_keyed_cuda", ["--grid", "8x16x16"], "needs an sm90 CUDA GPU"),
     ],
 )
 def test_gpu_benchmarks_say_they_need_a_gpu(script, args, message):

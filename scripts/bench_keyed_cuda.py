@@ -1,13 +1,14 @@
-"""The `keyed` forward's accumulation pass: the warp-specialised CUDA kernel against the Triton pass.
+"""The `keyed` kernels on Hopper: the warp-specialised CUDA kernels against the Triton ones, pass by pass.
 
-Times `vmoba._keyed_cuda.accumulate` (vmoba/_keyed.cu: wgmma consumer warpgroups, cp.async gather
-warps, TMA bulk reduce-add warps; docs/benchmarks.md, notes 24-25) against `keyed`'s Triton pass 1 on the
-same inputs, selection, row lists and norm-bound offsets, in one process. Checks first that both add the
-same values (relative difference of the accumulator and of the row sums <= 1e-4, or it exits non-zero).
+Times `vmoba._keyed_cuda.accumulate` and `.backward` (vmoba/_keyed.cu: wgmma consumer warpgroups,
+cp.async gather warps, TMA bulk reduce-add warps; docs/benchmarks.md, note 25) against `keyed`'s Triton
+pass 1 and backward on the same inputs, selection, row lists and norm-bound offsets, in one process.
+Checks first that both compute the same values (relative difference <= 1e-4 for the fp32 outputs, 2e-2
+for the bf16 dk, dv), or exits non-zero.
 
 Needs an sm90 GPU (H100/H200) and Triton.
 
-    python scripts/bench_ws_forward.py --grid 24x36x64 --density 0.25
+    python scripts/bench_keyed_cuda.py --grid 24x36x64 --density 0.25
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
-        sys.exit("bench_ws_forward.py needs an sm90+ CUDA GPU")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        sys.exit("bench_keyed_cuda.py needs an sm90 CUDA GPU (H100/H200)")
     grid = tuple(int(x) for x in args.grid.split("x"))
     torch.manual_seed(0)
     shape = SimpleNamespace(batch=1, heads=args.heads, head_dim=128, inputs="smooth")
