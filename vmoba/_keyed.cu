@@ -127,6 +127,88 @@ __device__ __forceinline__ u32 pack(float lo, float hi) {  // two bf16, lo in th
 }
 
 
+
+// --- The roles both kernels share. A tile's gathered rows are 64 rows of a row list, staged as a swizzled
+// [2][64][128 B] tile; full / empty mbarriers hand buffers between the roles (buffer s: full0 + 8 s).
+
+// All threads: the program's 128 keys of k and v into shared memory.
+__device__ __forceinline__ void load_kv(u32 Ks, u32 Vs, const bf16* k, const bf16* v, i64 base, int key_tile,
+                                        int stride_l) {
+  for (int i = threadIdx.x; i < BN * 16; i += blockDim.x) {  // 128 rows x 16 chunks of 16 B
+    const int r = i >> 4, c = i & 15;
+    const i64 src = base + (i64)(key_tile * BN + r) * stride_l + c * 8;
+    cp_async16(Ks + chunk_offset(r, c, BN), k + src, true);
+    cp_async16(Vs + chunk_offset(r, c, BN), v + src, true);
+  }
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+  fence_async_shared();
+  __syncthreads();
+}
+
+// Producer warp: tile t's 64 rows of `list` (n rows; they start at t * tile_stride) gathered from src into
+// buffer stage(t % NQ), zeros past the list's end; then extra(stage, rows) (rows: this lane's two row
+// indices, -1 past the end). Each tile's row indices load under the previous tile's copies.
+template <int NQ, typename Stage, typename Extra>
+__device__ __forceinline__ void produce(const int* list, int n, int tile_stride, int ntiles, const bf16* src,
+                                        i64 base, int stride_l, Stage stage, u32 full0, u32 empty0, int lane,
+                                        Extra extra) {
+  const int half = lane >> 4, c = lane & 15;
+  int my_rows[2], next_rows[2];
+  warp_rows(list, 0, n, lane, next_rows);
+  for (int t = 0; t < ntiles; ++t) {
+    const int s = t % NQ;
+    if (t >= NQ) mbar_wait(empty0 + 8 * s, (t / NQ - 1) & 1);
+    my_rows[0] = next_rows[0];
+    my_rows[1] = next_rows[1];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+#pragma unroll 4
+      for (int j = 0; j < 16; ++j) {  // rows 32 m + 2j and + 1, one per half-warp, 16 chunks each
+        const int r = 32 * m + 2 * j + half, row = __shfl_sync(0xffffffffu, my_rows[m], r & 31);
+        cp_async16(stage(s) + chunk_offset(r, c, 64), src + base + (i64)(row < 0 ? 0 : row) * stride_l + c * 8,
+                   row >= 0);
+      }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    extra(stage(s), my_rows);
+    warp_rows(list, (t + 1) * tile_stride, n, lane, next_rows);
+    if (t > 0) {  // the previous tile's rows have landed: hand them to the consumers
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
+      fence_async_shared();
+      mbar_arrive(full0 + 8 * ((t - 1) % NQ));
+    }
+  }
+  if (ntiles > 0) {
+    asm volatile("cp.async.wait_group 0;" ::: "memory");
+    fence_async_shared();
+    mbar_arrive(full0 + 8 * ((ntiles - 1) % NQ));
+  }
+}
+
+// Reducer warp: once the consumers have staged tile t's 64 fp32 rows (stride OSTRIDE), adds row r to
+// dst + list[t * tile_stride + r] * stride_l (rows past n skipped), one bulk reduce-add each. One staging
+// buffer is all that fits: it is free again once its rows have been read.
+__device__ __forceinline__ void reduce(const float* staged, const int* list, int n, int tile_stride, int ntiles,
+                                       float* dst, int stride_l, u32 full, u32 empty, int lane) {
+  for (int t = 0; t < ntiles; ++t) {
+    mbar_wait(full, t & 1);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = lane + 32 * i;
+      if (t * tile_stride + r < n) {
+        float* row = dst + (i64)list[t * tile_stride + r] * stride_l;
+        asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(row),
+                     "r"(smem_addr(staged + r * OSTRIDE)), "r"(D * 4)
+                     : "memory");
+      }
+    }
+    asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group.read 0;" ::: "memory");
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty);
+  }
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
 }  // namespace
 
 namespace fwd {
@@ -178,61 +260,13 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
     mbar_init(o_full, 128);
     mbar_init(o_empty, 1);
   }
-  for (int i = threadIdx.x; i < BN * 16; i += THREADS) {  // K, V: 128 rows x 16 chunks of 16 B
-    const int r = i >> 4, c = i & 15;
-    const i64 src = base + (i64)(key_tile * BN + r) * stride_l + c * 8;
-    cp_async16(Ks + chunk_offset(r, c, BN), k + src, true);
-    cp_async16(Vs + chunk_offset(r, c, BN), v + src, true);
-  }
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
-  fence_async_shared();
-  __syncthreads();
+  load_kv(Ks, Vs, k, v, base, key_tile, stride_l);
 
-  if (warp == 8 || warp == 9) {  // producer: gathers the pipeline's 64 rows of each tile (zeros past the end)
-    const int half = lane >> 4, c = lane & 15;
-    int my_rows[2], next_rows[2];
-    warp_rows(half_rows, 0, half_count, lane, next_rows);
-    for (int t = 0; t < ntiles; ++t) {
-      const int s = t % NQ;
-      if (t >= NQ) mbar_wait(q_empty(s), (t / NQ - 1) & 1);
-      my_rows[0] = next_rows[0];
-      my_rows[1] = next_rows[1];
-#pragma unroll
-      for (int j = 0; j < WM / 2; ++j) {  // rows 2j and 2j + 1, one per half-warp, 16 chunks each
-        const int r = 2 * j + half, row = __shfl_sync(0xffffffffu, my_rows[j >> 4], r & 31);
-        cp_async16(Qs + s * Q_BYTES + chunk_offset(r, c, WM), q + base + (i64)(row < 0 ? 0 : row) * stride_l + c * 8,
-                   row >= 0);
-      }
-      asm volatile("cp.async.commit_group;" ::: "memory");
-      warp_rows(half_rows, (t + 1) * BM, half_count, lane, next_rows);  // loads under this tile's copies
-      if (t > 0) {  // the previous tile's rows have landed: hand them to the consumers
-        asm volatile("cp.async.wait_group 1;" ::: "memory");
-        fence_async_shared();
-        mbar_arrive(q_full((t - 1) % NQ));
-      }
-    }
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-    fence_async_shared();
-    mbar_arrive(q_full((ntiles - 1) % NQ));
-  } else if (warp >= 10) {  // reducer: adds each staged tile's valid rows to acc, one bulk reduce-add per row
-    for (int t = 0; t < ntiles; ++t) {
-      mbar_wait(o_full, t & 1);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int r = lane + 32 * i;
-        if (t * BM + r < half_count) {
-          float* dst = acc + base + (i64)half_rows[t * BM + r] * stride_l;
-          asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst),
-                       "r"(smem_addr(Os + r * OSTRIDE)), "r"(D * 4)
-                       : "memory");
-        }
-      }
-      // One staging buffer per pipeline is all that fits: it is free once its rows have been read.
-      asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group.read 0;" ::: "memory");
-      __syncwarp();
-      if (lane == 0) mbar_arrive(o_empty);
-    }
-    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+  if (warp == 8 || warp == 9) {  // producer: the pipeline's 64 rows of each 128-row tile
+    produce<NQ>(half_rows, half_count, BM, ntiles, q, base, stride_l, [&](int s) { return Qs + s * Q_BYTES; },
+                q_full(0), q_empty(0), lane, [](u32, const int*) {});
+  } else if (warp >= 10) {  // reducer: the pipeline's staged output rows into acc
+    reduce(Os, half_rows, half_count, BM, ntiles, acc + base, stride_l, o_full, o_empty, lane);
   } else {  // consumer warpgroup w: rows (warp % 4) * 16 + g and + 8 of its half (g = lane / 4, q4 = lane % 4)
     const int g = lane >> 2, q4 = lane & 3, r0 = (warp & 3) * 16 + g, r1 = r0 + 8;
     u32 key_ok = 0;  // bit 2 nt + e: key nt * 8 + 2 q4 + e of the tile is valid
@@ -360,78 +394,27 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
     mbar_init(o_full, 256);
     mbar_init(o_empty, 1);
   }
-  for (int i = threadIdx.x; i < BN * 16; i += THREADS) {  // K, V: 128 rows x 16 chunks of 16 B
-    const int r = i >> 4, c = i & 15;
-    const i64 src = base + (i64)(key_tile * BN + r) * stride_l + c * 8;
-    cp_async16(Ks + chunk_offset(r, c, BN), k + src, true);
-    cp_async16(Vs + chunk_offset(r, c, BN), v + src, true);
-  }
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
-  fence_async_shared();
-  __syncthreads();
+  load_kv(Ks, Vs, k, v, base, key_tile, stride_l);
 
   if (warp >= 8) {  // the third warpgroup: registers to the consumers, then two producers and a reducer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
-    if (warp == 8 || warp == 9) {  // warp 8 gathers q rows, warp 9 dO rows and their lse, delta
-      const bf16* src = warp == 8 ? q : dout;
-      const int half = lane >> 4, c = lane & 15;
-      int my_rows[2], next_rows[2];
-      warp_rows(tile_rows, 0, count, lane, next_rows);
-      for (int t = 0; t < ntiles; ++t) {
-        const int s = t % NQ;
-        if (t >= NQ) mbar_wait(q_empty(s), (t / NQ - 1) & 1);
-        const u32 stage = stages + s * STAGE_BYTES;
-        my_rows[0] = next_rows[0];
-        my_rows[1] = next_rows[1];
+    auto stage = [&](int s) { return stages + s * STAGE_BYTES + (warp - 8) * ROWS_BYTES; };
+    if (warp == 8) {  // q rows
+      produce<NQ>(tile_rows, count, BM, ntiles, q, base, stride_l, stage, q_full(0), q_empty(0), lane,
+                  [](u32, const int*) {});
+    } else if (warp == 9) {  // dO rows, then their lse and delta (past the list's end lse = +inf: p = 0)
+      produce<NQ>(tile_rows, count, BM, ntiles, dout, base, stride_l, stage, q_full(0), q_empty(0), lane,
+                  [&](u32 rows_at, const int* my_rows) {
+                    float* stat = reinterpret_cast<float*>(smem + (rows_at - Ks) + ROWS_BYTES);
 #pragma unroll
-        for (int m = 0; m < 2; ++m) {
-#pragma unroll 4
-          for (int j = 0; j < 16; ++j) {  // rows 32 m + 2j and + 1, one per half-warp, 16 chunks each
-            const int r = 32 * m + 2 * j + half, row = __shfl_sync(0xffffffffu, my_rows[m], r & 31);
-            cp_async16(stage + (warp - 8) * ROWS_BYTES + chunk_offset(r, c, BM),
-                       src + base + (i64)(row < 0 ? 0 : row) * stride_l + c * 8, row >= 0);
-          }
-        }
-        asm volatile("cp.async.commit_group;" ::: "memory");
-        if (warp == 9) {  // past the list's end: lse = +inf, so p = 0 there
-          float* stat = reinterpret_cast<float*>(smem + (stage - Ks) + 2 * ROWS_BYTES);
-#pragma unroll
-          for (int m = 0; m < 2; ++m) {
-            const int row = my_rows[m];
-            stat[32 * m + lane] = row >= 0 ? lse[stat_base + row] : __int_as_float(0x7f800000);
-            stat[BM + 32 * m + lane] = row >= 0 ? delta[stat_base + row] : 0.f;
-          }
-        }
-        warp_rows(tile_rows, (t + 1) * BM, count, lane, next_rows);  // loads under this tile's copies
-        if (t > 0) {  // the previous tile's rows have landed: hand them to the consumers
-          asm volatile("cp.async.wait_group 1;" ::: "memory");
-          fence_async_shared();
-          mbar_arrive(q_full((t - 1) % NQ));
-        }
-      }
-      if (ntiles > 0) {
-        asm volatile("cp.async.wait_group 0;" ::: "memory");
-        fence_async_shared();
-        mbar_arrive(q_full((ntiles - 1) % NQ));
-      }
-    } else if (warp == 10) {  // reducer: adds each staged tile's valid dq rows, one bulk reduce-add per row
-      for (int t = 0; t < ntiles; ++t) {
-        mbar_wait(o_full, t & 1);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int r = lane + 32 * i;
-          if (t * BM + r < count) {
-            float* dst = dq + base + (i64)tile_rows[t * BM + r] * stride_l;
-            asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(dst),
-                         "r"(smem_addr(Os + r * OSTRIDE)), "r"(D * 4)
-                         : "memory");
-          }
-        }
-        asm volatile("cp.async.bulk.commit_group;\ncp.async.bulk.wait_group.read 0;" ::: "memory");
-        __syncwarp();
-        if (lane == 0) mbar_arrive(o_empty);
-      }
-      asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+                    for (int m = 0; m < 2; ++m) {
+                      const int row = my_rows[m];
+                      stat[32 * m + lane] = row >= 0 ? lse[stat_base + row] : __int_as_float(0x7f800000);
+                      stat[BM + 32 * m + lane] = row >= 0 ? delta[stat_base + row] : 0.f;
+                    }
+                  });
+    } else if (warp == 10) {  // reducer: the staged dq rows
+      reduce(Os, tile_rows, count, BM, ntiles, dq + base, stride_l, o_full, o_empty, lane);
     }
     return;
   }
