@@ -278,6 +278,7 @@ def keyed_or_skip():
     [
         ("3d", "token", 128, "threshold", GRID),  # padded blocks: invalid keys and never-picked queries
         ("1d", "token", 64, "topk", FA4_GRID),  # 512-slot blocks: four key tiles share one row list
+        ("1d", "token", 128, "topk", FA4_GRID),  # the same on sm_90's CUDA kernels (bf16, D = 128)
         ("2d", "token", 64, "topk", GRID),
         ("3d", "block", 64, "threshold", GRID),  # block granularity runs as its per-token rows
     ],
