@@ -1,14 +1,14 @@
 """The `keyed` kernels on Hopper: `_keyed.cu` (forward pass 1 and the backward), compiled by NVRTC.
 
-Triton cannot schedule what this pass needs on an H100/H200 (docs/benchmarks.md, notes 22-25): the 36.7 GB
-of fp32 rows it adds at 55K tokens and 25% density cost >= 9.9 ms however they are issued, so they have to
+Triton cannot schedule what these passes need on an H100/H200 (docs/benchmarks.md, notes 22-25): the 36.7 GB
+of fp32 rows each adds at 55K tokens and 25% density cost >= 9.9 ms however they are issued, so they have to
 run under the matrix products, from a warp of their own (TMA bulk reduce-adds), beside warpgroups on
 wgmma. The CUDA kernels do that: the forward adds exactly what Triton's pass 1 adds, the backward computes
 what Triton's backward does (both to fp32 rounding), with dq added by bulk reduce-adds.
 
 NVRTC ships with PyTorch's CUDA wheels (no toolkit, no nvcc) and `torch.cuda._compile_kernel` wraps it;
 the kernel includes no headers. Used on sm_90 for bf16 with D = 128, unless `VMOBA_KEYED_CUDA=0`; any
-other case, or a failed compile (warned once), takes the Triton pass.
+other case, or a failed compile (warned once), takes the Triton kernels.
 """
 
 from __future__ import annotations
@@ -67,12 +67,13 @@ def _run(name: str, qb: torch.Tensor, starts: torch.Tensor, *args) -> None:
     """Launch kernel `name` over (128-key tile, b * H + h), with the shape arguments both kernels end with."""
     B, L, H, D = qb.shape
     C = (starts.shape[0] - 1) // (B * H)
-    _kernels(qb.device.index)[name](
-        grid=(L // BLOCK, B * H, 1),
-        block=(THREADS, 1, 1),
-        args=[*args, L, C, H, L // BLOCK // C, qb.stride(0), qb.stride(1), D**-0.5],
-        shared_mem=SMEM[name],
-    )
+    with torch.cuda.device(qb.device):  # the module and the current stream of q's GPU
+        _kernels(qb.device.index)[name](
+            grid=(L // BLOCK, B * H, 1),
+            block=(THREADS, 1, 1),
+            args=[*args, L, C, H, L // BLOCK // C, qb.stride(0), qb.stride(1), D**-0.5],
+            shared_mem=SMEM[name],
+        )
 
 
 def accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid) -> None:
