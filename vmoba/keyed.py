@@ -171,7 +171,9 @@ class _Keyed(torch.autograd.Function):
         row_sum = torch.zeros_like(row_max)
         acc = torch.zeros(qb.shape, dtype=torch.float32, device=q.device)
         _launch(0, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid, skip=bounded)
-        if _keyed_cuda.usable(qb):  # Hopper: pass 1 as a warp-specialised CUDA kernel (vmoba/_keyed.cu)
+        # Hopper: pass 1 and the backward as warp-specialised CUDA kernels (vmoba/_keyed.cu), decided once.
+        ctx.cuda = _keyed_cuda.usable(qb)
+        if ctx.cuda:
             _keyed_cuda.accumulate(qb, kb, vb, acc, row_max, row_sum, starts, rows, valid)
         else:
             _launch(1, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid)
@@ -191,7 +193,7 @@ class _Keyed(torch.autograd.Function):
         _rowwise(_kernels().row_dot, grad_b, out_b, delta)
         dq = torch.zeros(qb.shape, dtype=torch.float32, device=qb.device)
         dk, dv = torch.empty_like(kb), torch.empty_like(vb)
-        if _keyed_cuda.usable(qb):  # Hopper: a warp-specialised CUDA kernel
+        if ctx.cuda:
             _keyed_cuda.backward(qb, kb, vb, grad_b, dq, dk, dv, lse, delta, starts, rows, valid)
         else:
             _launch(2, qb, kb, vb, dq, lse, delta, starts, rows, valid, do=grad_b, dk=dk, dv=dv)
