@@ -126,8 +126,38 @@ __device__ __forceinline__ u32 pack(float lo, float hi) {  // two bf16, lo in th
 
 
 
-// --- The roles both kernels share. A tile's gathered rows are 64 rows of a row list, staged as a swizzled
-// [2][64][128 B] tile; full / empty mbarriers hand buffers between the roles (buffer s: full0 + 8 s).
+// --- What both kernels share. A tile's gathered rows are 64 rows of a row list, staged as a swizzled
+// [2][64][128 B] tile; full / empty mbarriers hand buffers between the roles.
+
+// Traps unless the dynamic shared memory (at `base`) is 1024-byte aligned, as wgmma's swizzle needs (no room
+// is left to align by hand), and holds `bytes`.
+__device__ __forceinline__ void check_smem(u32 base, u32 bytes) {
+  u32 size;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(size));
+  if ((base & 1023) || size < bytes) __trap();
+}
+
+// A pipeline's mbarriers, 8 bytes each from `at`: each query buffer's full and empty, then the staging
+// buffer's full and empty.
+template <int NQ>
+struct Barriers {
+  static constexpr int BYTES = 8 * (2 * NQ + 2);
+  u32 at;
+  __device__ u32 q_full(int s) const { return at + 8 * s; }
+  __device__ u32 q_empty(int s) const { return at + 8 * (NQ + s); }
+  __device__ u32 o_full() const { return at + 16 * NQ; }
+  __device__ u32 o_empty() const { return at + 16 * NQ + 8; }
+  // By one thread: `gatherers` producer lanes fill each query buffer; `consumers` threads free it and stage
+  // each tile's rows; the reducer warp's lane 0 frees the staging buffer.
+  __device__ void init(int gatherers, int consumers) const {
+    for (int s = 0; s < NQ; ++s) {
+      mbar_init(q_full(s), gatherers);
+      mbar_init(q_empty(s), consumers);
+    }
+    mbar_init(o_full(), consumers);
+    mbar_init(o_empty(), 1);
+  }
+};
 
 // All threads: the program's 128 keys of k and v into shared memory.
 __device__ __forceinline__ void load_kv(u32 Ks, u32 Vs, const bf16* k, const bf16* v, i64 base, int key_tile,
@@ -144,18 +174,18 @@ __device__ __forceinline__ void load_kv(u32 Ks, u32 Vs, const bf16* k, const bf1
 }
 
 // Producer warp: tile t's 64 rows of `list` (n rows; they start at t * tile_stride) gathered from src into
-// buffer stage(t % NQ), zeros past the list's end; then extra(stage, rows) (rows: this lane's two row
+// query buffer stage(t % NQ), zeros past the list's end; then extra(stage, rows) (rows: this lane's two row
 // indices, -1 past the end). Each tile's row indices load under the previous tile's copies.
 template <int NQ, typename Stage, typename Extra>
 __device__ __forceinline__ void produce(const int* list, int n, int tile_stride, int ntiles, const bf16* src,
-                                        i64 base, int stride_l, Stage stage, u32 full0, u32 empty0, int lane,
+                                        i64 base, int stride_l, Stage stage, const Barriers<NQ>& bar, int lane,
                                         Extra extra) {
   const int half = lane >> 4, c = lane & 15;
   int my_rows[2], next_rows[2];
   warp_rows(list, 0, n, lane, next_rows);
   for (int t = 0; t < ntiles; ++t) {
     const int s = t % NQ;
-    if (t >= NQ) mbar_wait(empty0 + 8 * s, (t / NQ - 1) & 1);
+    if (t >= NQ) mbar_wait(bar.q_empty(s), (t / NQ - 1) & 1);
     my_rows[0] = next_rows[0];
     my_rows[1] = next_rows[1];
 #pragma unroll
@@ -173,13 +203,13 @@ __device__ __forceinline__ void produce(const int* list, int n, int tile_stride,
     if (t > 0) {  // the previous tile's rows have landed: hand them to the consumers
       asm volatile("cp.async.wait_group 1;" ::: "memory");
       fence_async_shared();
-      mbar_arrive(full0 + 8 * ((t - 1) % NQ));
+      mbar_arrive(bar.q_full((t - 1) % NQ));
     }
   }
   if (ntiles > 0) {
     asm volatile("cp.async.wait_group 0;" ::: "memory");
     fence_async_shared();
-    mbar_arrive(full0 + 8 * ((ntiles - 1) % NQ));
+    mbar_arrive(bar.q_full((ntiles - 1) % NQ));
   }
 }
 
@@ -212,8 +242,7 @@ __device__ __forceinline__ void reduce(const float* staged, const int* list, int
 namespace fwd {
 constexpr int BM = 128, WM = 64, NQ = 2, THREADS = 384;  // query rows per tile and per warpgroup
 constexpr int Q_BYTES = WM * D * 2;                      // a warpgroup's 64 query rows
-constexpr int BAR_BYTES = 8 * (2 * NQ + 2);              // a pipeline's mbarriers
-constexpr int SMEM = 2 * KV_BYTES + 2 * NQ * Q_BYTES + 2 * O_BYTES + 2 * BAR_BYTES;
+constexpr int SMEM = 2 * KV_BYTES + 2 * NQ * Q_BYTES + 2 * O_BYTES + 2 * Barriers<NQ>::BYTES;
 }  // namespace fwd
 
 // Launch: grid (L / 128, B * H), 384 threads, SMEM = 198,752 bytes of dynamic shared memory.
@@ -227,20 +256,14 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
   using namespace fwd;
   extern __shared__ __align__(1024) unsigned char smem[];
   const u32 Ks = smem_addr(smem), Vs = Ks + KV_BYTES;
-  u32 smem_bytes;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
-  // wgmma's swizzle needs 1024-byte aligned tiles (no room is left to align by hand), and all SMEM bytes.
-  if ((Ks & 1023) || smem_bytes < SMEM) __trap();
+  check_smem(Ks, SMEM);
   const float scale_log2 = (float)(scale * 1.4426950408889634);  // scale = D^-0.5
   const int key_tile = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int w = warp < 8 ? warp >> 2 : warp & 1;  // the pipeline (query half) this warp belongs to
   const u32 Qs = Vs + KV_BYTES + w * NQ * Q_BYTES;  // this pipeline's NQ query buffers
   float* Os = reinterpret_cast<float*>(smem + 2 * KV_BYTES + 2 * NQ * Q_BYTES + w * O_BYTES);
-  const u32 bars = Ks + 2 * KV_BYTES + 2 * NQ * Q_BYTES + 2 * O_BYTES + w * BAR_BYTES;
-  auto q_full = [&](int s) { return bars + 8 * s; };
-  auto q_empty = [&](int s) { return bars + 8 * (NQ + s); };
-  const u32 o_full = bars + 16 * NQ, o_empty = o_full + 8;
+  const Barriers<NQ> bar{Ks + 2 * KV_BYTES + 2 * NQ * Q_BYTES + 2 * O_BYTES + w * Barriers<NQ>::BYTES};
 
   const i64 base = b * (i64)stride_b + (i64)h * D, stat_base = (i64)bh * L;
   const i64 cell = (i64)bh * C + key_tile / tiles_per_block;
@@ -250,21 +273,14 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
   const int* half_rows = rows + start + w * WM;  // + t * BM: this pipeline's rows of tile t
   const int half_count = count - w * WM;         // its row r of tile t exists while t * BM + r < half_count
 
-  if (warp >= 8 && warp < 10 && lane == 0) {  // one thread per pipeline initialises its barriers
-    for (int s = 0; s < NQ; ++s) {
-      mbar_init(q_full(s), 32);
-      mbar_init(q_empty(s), 128);
-    }
-    mbar_init(o_full, 128);
-    mbar_init(o_empty, 1);
-  }
+  if (warp >= 8 && warp < 10 && lane == 0) bar.init(32, 128);  // per pipeline: 1 producer warp, 1 warpgroup
   load_kv(Ks, Vs, k, v, base, key_tile, stride_l);
 
   if (warp == 8 || warp == 9) {  // producer: the pipeline's 64 rows of each 128-row tile
     produce<NQ>(half_rows, half_count, BM, ntiles, q, base, stride_l, [&](int s) { return Qs + s * Q_BYTES; },
-                q_full(0), q_empty(0), lane, [](u32, const int*) {});
+                bar, lane, [](u32, const int*) {});
   } else if (warp >= 10) {  // reducer: the pipeline's staged output rows into acc
-    reduce(Os, half_rows, half_count, BM, ntiles, acc + base, stride_l, o_full, o_empty, lane);
+    reduce(Os, half_rows, half_count, BM, ntiles, acc + base, stride_l, bar.o_full(), bar.o_empty(), lane);
   } else {  // consumer warpgroup w: rows (warp % 4) * 16 + g and + 8 of its half (g = lane / 4, q4 = lane % 4)
     const int g = lane >> 2, q4 = lane & 3, r0 = (warp & 3) * 16 + g, r1 = r0 + 8;
     u32 key_ok = 0;  // bit 2 nt + e: key nt * 8 + 2 q4 + e of the tile is valid
@@ -283,7 +299,7 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
       const int st = t % NQ;
       const bool nok0 = (t + 1) * BM + r0 < half_count, nok1 = (t + 1) * BM + r1 < half_count;
       const int nrow0 = nok0 ? half_rows[(t + 1) * BM + r0] : 0, nrow1 = nok1 ? half_rows[(t + 1) * BM + r1] : 0;
-      mbar_wait(q_full(st), (t / NQ) & 1);
+      mbar_wait(bar.q_full(st), (t / NQ) & 1);
 
       const u32 qa = Qs + st * Q_BYTES;
       fence_regs(s);
@@ -296,7 +312,7 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
       }
       wgmma_commit_wait();
       fence_regs(s);
-      mbar_arrive(q_empty(st));
+      mbar_arrive(bar.q_empty(st));
       const float noff0 = nok0 ? offsets[stat_base + nrow0] : 0.f, noff1 = nok1 ? offsets[stat_base + nrow1] : 0.f;
 
       // p = exp2(s * scale - offset) on valid keys, as bf16 A fragments of P V; row sums over the quad
@@ -330,7 +346,7 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
       wgmma_commit_wait();
       fence_regs(o);
 
-      if (t > 0) mbar_wait(o_empty, (t - 1) & 1);
+      if (t > 0) mbar_wait(bar.o_empty(), (t - 1) & 1);
       const u32 orow0 = smem_addr(Os + r0 * OSTRIDE + 2 * q4), orow1 = smem_addr(Os + r1 * OSTRIDE + 2 * q4);
 #pragma unroll
       for (int nt = 0; nt < 16; ++nt) {
@@ -338,7 +354,7 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
         st_shared2(orow1 + nt * 32, o[4 * nt + 2], o[4 * nt + 3]);
       }
       fence_async_shared();  // generic writes -> the bulk copies' reads
-      mbar_arrive(o_full);
+      mbar_arrive(bar.o_full());
       ok0 = nok0, ok1 = nok1, row0 = nrow0, row1 = nrow1, off0 = noff0, off1 = noff1;
     }
   }
@@ -349,7 +365,7 @@ constexpr int BM = 64, NQ = 2, THREADS = 384;
 constexpr int ROWS_BYTES = BM * D * 2;              // 64 gathered rows of q or dO
 constexpr int STAGE_BYTES = 2 * ROWS_BYTES + 1024;  // q, dO, then the rows' lse and delta (1024: alignment)
 constexpr int DS_BYTES = BN * BM * 2;               // ds^T, [128 keys][64 queries] bf16
-constexpr int SMEM = 2 * KV_BYTES + NQ * STAGE_BYTES + 2 * DS_BYTES + O_BYTES + 8 * (2 * NQ + 2);
+constexpr int SMEM = 2 * KV_BYTES + NQ * STAGE_BYTES + 2 * DS_BYTES + O_BYTES + Barriers<NQ>::BYTES;
 }  // namespace bwd
 
 // The backward (dq added, dk and dv written), FlashAttention-3's key-major loop over each key tile's gathered
@@ -367,13 +383,8 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
   extern __shared__ __align__(1024) unsigned char smem[];
   const u32 Ks = smem_addr(smem), Vs = Ks + KV_BYTES, stages = Vs + KV_BYTES, dS = stages + NQ * STAGE_BYTES;
   float* Os = reinterpret_cast<float*>(smem + 2 * KV_BYTES + NQ * STAGE_BYTES + 2 * DS_BYTES);
-  const u32 bars = smem_addr(Os) + O_BYTES;
-  u32 smem_bytes;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem_bytes));
-  if ((Ks & 1023) || smem_bytes < SMEM) __trap();
-  auto q_full = [&](int s) { return bars + 8 * s; };
-  auto q_empty = [&](int s) { return bars + 8 * (NQ + s); };
-  const u32 o_full = bars + 16 * NQ, o_empty = o_full + 8;
+  const Barriers<NQ> bar{smem_addr(Os) + O_BYTES};
+  check_smem(Ks, SMEM);
   const float sm_scale = (float)scale, scale_log2 = (float)(scale * 1.4426950408889634);
 
   const int key_tile = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H;
@@ -384,24 +395,17 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
   const int count = (int)(starts[cell + 1] - start), ntiles = (count + BM - 1) / BM;
   const int* tile_rows = rows + start;
 
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < NQ; ++s) {
-      mbar_init(q_full(s), 64);
-      mbar_init(q_empty(s), 256);
-    }
-    mbar_init(o_full, 256);
-    mbar_init(o_empty, 1);
-  }
+  if (threadIdx.x == 0) bar.init(64, 256);  // 2 producer warps, 2 warpgroups
   load_kv(Ks, Vs, k, v, base, key_tile, stride_l);
 
   if (warp >= 8) {  // the third warpgroup: registers to the consumers, then two producers and a reducer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
     auto stage = [&](int s) { return stages + s * STAGE_BYTES + (warp - 8) * ROWS_BYTES; };
     if (warp == 8) {  // q rows
-      produce<NQ>(tile_rows, count, BM, ntiles, q, base, stride_l, stage, q_full(0), q_empty(0), lane,
+      produce<NQ>(tile_rows, count, BM, ntiles, q, base, stride_l, stage, bar, lane,
                   [](u32, const int*) {});
     } else if (warp == 9) {  // dO rows, then their lse and delta (past the list's end lse = +inf: p = 0)
-      produce<NQ>(tile_rows, count, BM, ntiles, dout, base, stride_l, stage, q_full(0), q_empty(0), lane,
+      produce<NQ>(tile_rows, count, BM, ntiles, dout, base, stride_l, stage, bar, lane,
                   [&](u32 rows_at, const int* my_rows) {
                     float* stat = reinterpret_cast<float*>(smem + (rows_at - Ks) + ROWS_BYTES);
 #pragma unroll
@@ -412,7 +416,7 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
                     }
                   });
     } else if (warp == 10) {  // reducer: the staged dq rows
-      reduce(Os, tile_rows, count, BM, ntiles, dq + base, stride_l, o_full, o_empty, lane);
+      reduce(Os, tile_rows, count, BM, ntiles, dq + base, stride_l, bar.o_full(), bar.o_empty(), lane);
     }
     return;
   }
@@ -432,7 +436,7 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
     const int s = t % NQ;
     const u32 qs = stages + s * STAGE_BYTES, dos = qs + ROWS_BYTES, dsb = dS + (t & 1) * DS_BYTES;
     const float* stat = reinterpret_cast<const float*>(smem + (qs - Ks) + 2 * ROWS_BYTES);
-    mbar_wait(q_full(s), (t / NQ) & 1);
+    mbar_wait(bar.q_full(s), (t / NQ) & 1);
 
     // s^T = k q^T and dp^T = v do^T, [64 keys x 64 queries]: 8 steps of 16 columns of D each
     fence_regs<32>(sp);
@@ -502,16 +506,16 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
     fence_regs(dv_acc);
     fence_regs(dk_acc);
     fence_regs<32>(dqa);
-    mbar_arrive(q_empty(s));  // q and dO of this stage are read
+    mbar_arrive(bar.q_empty(s));  // q and dO of this stage are read
 
-    if (t > 0) mbar_wait(o_empty, (t - 1) & 1);
+    if (t > 0) mbar_wait(bar.o_empty(), (t - 1) & 1);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
       st_shared2(ostage0 + nt * 32, dqa[4 * nt + 0] * sm_scale, dqa[4 * nt + 1] * sm_scale);
       st_shared2(ostage1 + nt * 32, dqa[4 * nt + 2] * sm_scale, dqa[4 * nt + 3] * sm_scale);
     }
     fence_async_shared();  // generic writes -> the bulk copies' reads
-    mbar_arrive(o_full);
+    mbar_arrive(bar.o_full());
   }
 
   // dk (scaled) and dv of this warpgroup's 64 keys, as bf16 pairs
