@@ -383,7 +383,7 @@ def test_selection_stats_of_a_token_selection_match_the_cpu():
         torch.testing.assert_close(gpu[key].cpu(), cpu[key])
 
 
-def test_keyed_cuda_pass_is_as_accurate_as_the_triton_pass():
+def test_keyed_cuda_pass_is_as_accurate_as_the_triton_pass(monkeypatch):
     # The Hopper forward pass (vmoba/_keyed.cu) against Triton's pass 1 and an fp64 reference of
     # what both add: padded blocks (invalid keys), row lists of every length mod 64, two batches, 3 heads.
     keyed = keyed_or_skip()
@@ -397,6 +397,9 @@ def test_keyed_cuda_pass_is_as_accurate_as_the_triton_pass():
     qkv = [torch.randn(2, L, 3, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     qb, kb, vb, sel, S, valid = block_order(cfg, "3d", GRID, qkv, keyed.BLOCK_N)
     assert _keyed_cuda.usable(qb)  # on Hopper it must not fall back silently
+    monkeypatch.setenv("VMOBA_KEYED_CUDA", "0")  # the documented way back to the Triton kernels
+    assert not _keyed_cuda.usable(qb)
+    monkeypatch.delenv("VMOBA_KEYED_CUDA")
     starts, rows = keyed.row_lists(sel, valid, S)
     offsets, _ = keyed.row_offsets(qb, kb)
     valid8 = valid.view(torch.uint8)
