@@ -34,12 +34,16 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_attention import timed  # noqa: E402  (this script's folder is on sys.path)
+
 MODES = {"red.v4": 0, "bulk reduce": 2, "scatter store": 1, "contiguous store": 3}
 D = 128
 
 
-def build(source: Path, *flags: str) -> ctypes.CDLL:
-    """Compile the CUDA file `source` (next to these scripts) for sm90 with nvcc and load it."""
+def build(source: Path) -> ctypes.CDLL:
+    """Compile the CUDA file `source` (next to this script) for sm90a with nvcc and load it."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         sys.exit(f"{source.stem}.py needs nvcc (the CUDA toolkit) on PATH to compile {source.name}")
@@ -49,7 +53,6 @@ def build(source: Path, *flags: str) -> ctypes.CDLL:
         "-O3",
         "-gencode",
         "arch=compute_90a,code=sm_90a",
-        *flags,
         "-shared",
         "-Xcompiler",
         "-fPIC",
@@ -69,18 +72,6 @@ def random_row_lists(tokens: int, heads: int, blocks: int, density: float):
     torch.cumsum(counts, 0, out=starts[1:])
     rows = sel.view(heads * blocks, tokens).nonzero()[:, 1].to(torch.int32).contiguous()
     return starts, rows, counts
-
-
-def timed(run, iters: int) -> float:
-    """Mean ms of `iters` calls of `run` after one warm-up call."""
-    run()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        run()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main(argv=None):
@@ -122,7 +113,7 @@ def main(argv=None):
     for window in args.window:
         window = window or L
         times = {
-            name: timed(lambda mode=mode, window=window: run(mode, window), args.iters)
+            name: timed(lambda mode=mode, window=window: run(mode, window), 1, args.iters)
             for name, mode in MODES.items()
         }
         base = times["contiguous store"]
@@ -146,12 +137,12 @@ def main(argv=None):
         overlapped(work)
         if not torch.equal(acc, expect[:, :, None].expand_as(acc)):
             sys.exit(f"overlap work {work} added the wrong values")
-    products = timed(lambda: overlapped(1), args.iters)
+    products = timed(lambda: overlapped(1), 1, args.iters)
     print(f"overlap: products alone (4 warps, mma.sync) {products:.2f} ms", flush=True)
     for name, alone, both in (("red.v4 from 4 warps", 2, 3), ("bulk reduce from 1 warp", 6, 7)):
         alone, both = (
-            timed(lambda w=alone: overlapped(w), args.iters),
-            timed(lambda w=both: overlapped(w), args.iters),
+            timed(lambda w=alone: overlapped(w), 1, args.iters),
+            timed(lambda w=both: overlapped(w), 1, args.iters),
         )
         print(
             f"overlap: reductions by {name}: alone {alone:.2f} ms, beside the products {both:.2f} ms "
