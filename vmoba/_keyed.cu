@@ -53,6 +53,9 @@ __device__ __forceinline__ u32 chunk_offset(int r, int c, int rows) {
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
 }
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool ok) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(ok ? 4 : 0) : "memory");
+}
 __device__ __forceinline__ void st_shared2(u32 addr, float x, float y) {
   asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
 }
@@ -174,8 +177,9 @@ __device__ __forceinline__ void load_kv(u32 Ks, u32 Vs, const bf16* k, const bf1
 }
 
 // Producer warp: tile t's 64 rows of `list` (n rows; they start at t * tile_stride) gathered from src into
-// query buffer stage(t % NQ), zeros past the list's end; then extra(stage, rows) (rows: this lane's two row
-// indices, -1 past the end). Each tile's row indices load under the previous tile's copies.
+// query buffer stage(t % NQ), zeros past the list's end, and extra(stage, rows)'s copies (rows: this lane's two
+// row indices, -1 past the end). Each tile's row indices load a tile ahead. The consumers fence the async
+// proxy after their wait: cp.async writes are generic, wgmma reads are async.
 template <int NQ, typename Stage, typename Extra>
 __device__ __forceinline__ void produce(const int* list, int n, int tile_stride, int ntiles, const bf16* src,
                                         i64 base, int stride_l, Stage stage, const Barriers<NQ>& bar, int lane,
@@ -197,20 +201,13 @@ __device__ __forceinline__ void produce(const int* list, int n, int tile_stride,
                    row >= 0);
       }
     }
-    asm volatile("cp.async.commit_group;" ::: "memory");
     extra(stage(s), my_rows);
     warp_rows(list, (t + 1) * tile_stride, n, lane, next_rows);
-    if (t > 0) {  // the previous tile's rows have landed: hand them to the consumers
-      asm volatile("cp.async.wait_group 1;" ::: "memory");
-      fence_async_shared();
-      mbar_arrive(bar.q_full((t - 1) % NQ));
-    }
+    // The buffer is full once this lane's copies have landed: the mbarrier tracks them, so the warp goes on
+    // to the next buffer at once (waiting here would serialise the roles, note 26).
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar.q_full(s)) : "memory");
   }
-  if (ntiles > 0) {
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-    fence_async_shared();
-    mbar_arrive(bar.q_full((ntiles - 1) % NQ));
-  }
+  asm volatile("cp.async.wait_all;" ::: "memory");  // no copy outlives its warp
 }
 
 // Reducer warp: once the consumers have staged tile t's 64 fp32 rows (stride OSTRIDE), adds row r to
@@ -300,6 +297,7 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
       const bool nok0 = (t + 1) * BM + r0 < half_count, nok1 = (t + 1) * BM + r1 < half_count;
       const int nrow0 = nok0 ? half_rows[(t + 1) * BM + r0] : 0, nrow1 = nok1 ? half_rows[(t + 1) * BM + r1] : 0;
       mbar_wait(bar.q_full(st), (t / NQ) & 1);
+      fence_async_shared();
 
       const u32 qa = Qs + st * Q_BYTES;
       fence_regs(s);
@@ -404,15 +402,17 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
     if (warp == 8) {  // q rows
       produce<NQ>(tile_rows, count, BM, ntiles, q, base, stride_l, stage, bar, lane,
                   [](u32, const int*) {});
-    } else if (warp == 9) {  // dO rows, then their lse and delta (past the list's end lse = +inf: p = 0)
+    } else if (warp == 9) {  // dO rows, then their lse and delta (zeros past the list's end, where dO's rows
+                             // are zeros too: no contribution)
       produce<NQ>(tile_rows, count, BM, ntiles, dout, base, stride_l, stage, bar, lane,
                   [&](u32 rows_at, const int* my_rows) {
-                    float* stat = reinterpret_cast<float*>(smem + (rows_at - Ks) + ROWS_BYTES);
+                    const u32 stat = rows_at + ROWS_BYTES;
 #pragma unroll
                     for (int m = 0; m < 2; ++m) {
                       const int row = my_rows[m];
-                      stat[32 * m + lane] = row >= 0 ? lse[stat_base + row] : __int_as_float(0x7f800000);
-                      stat[BM + 32 * m + lane] = row >= 0 ? delta[stat_base + row] : 0.f;
+                      const i64 at = stat_base + (row < 0 ? 0 : row);
+                      cp_async4(stat + 4 * (32 * m + lane), lse + at, row >= 0);
+                      cp_async4(stat + 4 * (BM + 32 * m + lane), delta + at, row >= 0);
                     }
                   });
     } else if (warp == 10) {  // reducer: the staged dq rows
@@ -437,6 +437,7 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
     const u32 qs = stages + s * STAGE_BYTES, dos = qs + ROWS_BYTES, dsb = dS + (t & 1) * DS_BYTES;
     const float* stat = reinterpret_cast<const float*>(smem + (qs - Ks) + 2 * ROWS_BYTES);
     mbar_wait(bar.q_full(s), (t / NQ) & 1);
+    fence_async_shared();
 
     // s^T = k q^T and dp^T = v do^T, [64 keys x 64 queries]: 8 steps of 16 columns of D each
     fence_regs<32>(sp);
