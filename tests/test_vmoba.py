@@ -602,8 +602,8 @@ def test_keyed_backend_says_why_it_cannot_run():
 
 
 def test_keyed_cuda_source_compiles_for_hopper_with_nvrtc():
-    # The Hopper forward pass ships as CUDA source that NVRTC (in PyTorch's CUDA wheels) compiles at first
-    # use; compiling it needs no GPU, so a broken source fails here rather than on a user's H100.
+    # The Hopper kernels (forward pass 1, backward) ship as CUDA source that NVRTC (in PyTorch's CUDA wheels)
+    # compiles at first use; compiling needs no GPU, so a broken source fails here rather than on an H100.
     from vmoba import _keyed_cuda
 
     try:
@@ -612,8 +612,9 @@ def test_keyed_cuda_source_compiles_for_hopper_with_nvrtc():
         _get_gpu_rtc_library()
     except (ImportError, OSError, RuntimeError) as e:
         pytest.skip(f"no NVRTC in this PyTorch: {e}")
+    source = _keyed_cuda.SOURCE.read_text()
     for kernel in _keyed_cuda.SMEM:
-        cubin, name = _nvrtc_compile(_keyed_cuda.SOURCE.read_text(), kernel, "90a", None, _keyed_cuda.OPTIONS)
+        cubin, name = _nvrtc_compile(source, kernel, "90a", nvcc_options=_keyed_cuda.OPTIONS)
         assert name == kernel  # extern "C": the name the loader asks for
         assert cubin[:4] == b"\x7fELF" and len(cubin) > 10_000
     assert not _keyed_cuda.usable(torch.empty(1, 128, 2, 128, dtype=torch.bfloat16))  # CPU tensors: Triton's

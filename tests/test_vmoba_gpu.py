@@ -283,13 +283,28 @@ def keyed_or_skip():
         ("3d", "block", 64, "threshold", GRID),  # block granularity runs as its per-token rows
     ],
 )
-def test_keyed_within_flash_attention_rule(kind, granularity, D, selection, grid):
+def test_keyed_within_flash_attention_rule(kind, granularity, D, selection, grid, monkeypatch):
     keyed = keyed_or_skip()
+    from vmoba import _keyed_cuda
+
     torch.manual_seed(8)
     cfg = config(kind, granularity, selection=selection, topk_1d=2, topk_2d=3, topk_3d=4)
     L = grid[0] * grid[1] * grid[2]
     qkv = [torch.randn(2, L, 3, D, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    calls = []  # which CUDA kernels ran: on sm_90 with D = 128 both passes must be theirs, elsewhere none
+
+    def counted(name, run):
+        def call(*args):
+            calls.append(name)
+            return run(*args)
+
+        return call
+
+    for name in ("accumulate", "backward"):
+        monkeypatch.setattr(_keyed_cuda, name, counted(name, getattr(_keyed_cuda, name)))
     check_flash_attention_rule(keyed.keyed_attention, *block_order(cfg, kind, grid, qkv, keyed.BLOCK_N))
+    on_hopper = torch.cuda.get_device_capability() == (9, 0) and D == 128
+    assert sorted(set(calls)) == (["accumulate", "backward"] if on_hopper else []), calls
 
 
 @pytest.mark.parametrize("bound", [45.0, 200.0])

@@ -150,8 +150,9 @@ struct Barriers {
   __device__ u32 q_empty(int s) const { return at + 8 * (NQ + s); }
   __device__ u32 o_full() const { return at + 16 * NQ; }
   __device__ u32 o_empty() const { return at + 16 * NQ + 8; }
-  // By one thread: `gatherers` producer lanes fill each query buffer; `consumers` threads free it and stage
-  // each tile's rows; the reducer warp's lane 0 frees the staging buffer.
+  // By one thread: `gatherers` producer lanes fill each query buffer (each lane arrives when its copies
+  // land); `consumers` threads free it and stage each tile's rows; the reducer warp's lane 0 frees the
+  // staging buffer.
   __device__ void init(int gatherers, int consumers) const {
     for (int s = 0; s < NQ; ++s) {
       mbar_init(q_full(s), gatherers);

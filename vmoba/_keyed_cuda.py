@@ -45,12 +45,12 @@ def usable(qb: torch.Tensor) -> bool:
 def _kernels(device: int):
     """The compiled kernels ({name: kernel}) for one GPU, or None (warned) when NVRTC is missing or fails."""
     try:
-        kernels = {}
+        source, kernels = SOURCE.read_text(), {}
         with torch.cuda.device(device):
+            # One compile per kernel (~2 s each, once per process): `_compile_kernel` is the one entry point
+            # whose call form stays the same across PyTorch releases.
             for name, smem in SMEM.items():
-                kernels[name] = torch.cuda._compile_kernel(
-                    SOURCE.read_text(), name, "90a", nvcc_options=list(OPTIONS)
-                )
+                kernels[name] = torch.cuda._compile_kernel(source, name, "90a", nvcc_options=list(OPTIONS))
                 kernels[name].set_shared_memory_config(smem)
         return kernels
     except Exception as e:  # noqa: BLE001  (any failure means: use the Triton kernels)
