@@ -47,6 +47,17 @@ DENSE = {
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def parse_grid(spec: str) -> tuple[int, int, int]:
+    """A latent grid 'TxHxW' -> (T, H, W); also an argparse `type`."""
+    try:
+        grid = tuple(int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        grid = ()
+    if len(grid) != 3 or min(grid) <= 0:
+        raise argparse.ArgumentTypeError(f"a grid is TxHxW in positive integers, e.g. 24x36x64; got {spec!r}")
+    return grid
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -316,7 +327,7 @@ def main(argv=None):
     )
     print(f"args: {vars(args)}", flush=True)
     for spec in args.grids:
-        grid = tuple(int(x) for x in spec.lower().split("x"))
+        grid = parse_grid(spec)
         torch.manual_seed(0)
         q, k, v = make_inputs(args, grid, DTYPES[args.dtype])
         rows = [measure(f"sdpa {name}", dense_fn(DENSE[name]), q, k, v, args) for name in args.dense]

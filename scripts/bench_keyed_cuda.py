@@ -23,25 +23,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_attention import make_inputs, timed  # noqa: E402  (this script's folder is on sys.path)
-from bench_keyed_tiles import token_selection  # noqa: E402
+from bench_keyed_tiles import token_arguments, token_selection  # noqa: E402
 
 from vmoba import _keyed_cuda, keyed  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", default="24x36x64")
-    p.add_argument("--density", type=float, default=0.25, help="per-token top-k density")
-    p.add_argument("--heads", type=int, default=12)
+    token_arguments(p)
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         sys.exit("bench_keyed_cuda.py needs an sm90 CUDA GPU (H100/H200)")
-    grid = tuple(int(x) for x in args.grid.split("x"))
     torch.manual_seed(0)
     shape = SimpleNamespace(batch=1, heads=args.heads, head_dim=128, inputs="smooth")
-    q, k, v = (t.detach() for t in make_inputs(shape, grid, torch.bfloat16))
-    _, layout, valid, (qb, kb, vb), sel = token_selection(grid, args.density, q, k, v)
+    q, k, v = (t.detach() for t in make_inputs(shape, args.grid, torch.bfloat16))
+    _, layout, valid, (qb, kb, vb), sel = token_selection(args.grid, args.density, q, k, v)
     starts, rows = keyed.row_lists(sel, valid, layout.padded_volume)
     valid8 = valid.view(torch.uint8)
     offsets, bounded = keyed.row_offsets(qb, kb)

@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_attention import timed as timed_ms  # noqa: E402  (this script's folder is on sys.path)
+from bench_attention import parse_grid  # noqa: E402  (this script's folder is on sys.path)
+from bench_attention import timed as timed_ms  # noqa: E402
 
 from vmoba import VMoBAConfig, keyed  # noqa: E402
 from vmoba.attention import _select, dense_attention  # noqa: E402
@@ -27,6 +28,13 @@ from vmoba.partition import block_layout, partition_layout, valid_mask  # noqa: 
 
 def timed(fn) -> float:
     return timed_ms(fn, warmup=2, iters=5)
+
+
+def token_arguments(p: argparse.ArgumentParser) -> None:
+    """The token-granularity benchmarks' problem: --grid (a tuple), --density, --heads."""
+    p.add_argument("--grid", type=parse_grid, default="24x36x64", help="latent grid TxHxW")
+    p.add_argument("--density", type=float, default=0.25, help="per-token top-k density")
+    p.add_argument("--heads", type=int, default=12)
 
 
 def token_selection(grid, density: float, q, k, v):
@@ -52,15 +60,13 @@ TILES = ["128,128,4,3", "64,128,4,1", "64,128,8,3", "64,128,8,2", "64,128,4,3", 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--grid", default="24x36x64")
-    p.add_argument("--density", type=float, default=0.25, help="per-token top-k density")
-    p.add_argument("--heads", type=int, default=12)
+    token_arguments(p)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--tiles", nargs="+", default=TILES, help="BLOCK_M,BLOCK_N,num_warps,stages per variant")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_keyed_tiles.py needs a CUDA GPU")
-    grid = tuple(int(x) for x in args.grid.split("x"))
+    grid = args.grid
     L, H, D = grid[0] * grid[1] * grid[2], args.heads, args.head_dim
     torch.manual_seed(0)
     q, k, v, grad = (torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))

@@ -40,6 +40,25 @@ def test_bench_attention_options_parse():
     assert token.token_thresholds == [0.25, 0.5] and bench.parse_args([]).token_thresholds == []
 
 
+def test_grids_parse_as_three_positive_ints_for_every_benchmark(monkeypatch):
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as when the scripts run: they import each other
+
+    bench = load("bench_attention")
+    assert bench.parse_grid("24x36x64") == (24, 36, 64) and bench.parse_grid("21X30X52") == (21, 30, 52)
+    for bad in ("24x36", "24x0x64", "axbxc", "24x36x64x2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="TxHxW"):
+            bench.parse_grid(bad)
+    p = argparse.ArgumentParser()
+    load("bench_keyed_tiles").token_arguments(p)
+    args = p.parse_args(["--grid", "8x16x16", "--density", "0.125"])
+    assert (args.grid, args.density, args.heads) == ((8, 16, 16), 0.125, 12)
+    assert p.parse_args([]).grid == (24, 36, 64)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--grid", "8x16"])
+
+
 @pytest.mark.parametrize(
     "script, args, message",
     [
