@@ -1,9 +1,9 @@
 """Triton kernels of `vmoba.selection` on CUDA (imported on first use): token gate scores on tensor cores,
 and the per-query rules (query scope).
 
-`token_scores`: bf16 queries against the fp32 block means, given as three bf16 parts (`hi + mid + lo`
-equals the mean within fp32 rounding): every product of two bf16 numbers is exact in fp32, so three bf16
-`tl.dot`s accumulating in fp32 give the fp32 product at tensor-core speed.
+`token_scores`: bf16 queries against the fp32 block means, each split in the kernel into three bf16 parts
+(`hi + mid + lo` equals the mean exactly: each remainder fits in fp32): every product of two bf16 numbers
+is exact in fp32, so three bf16 `tl.dot`s accumulating in fp32 give the fp32 product at tensor-core speed.
 
 The rules: one program holds `BLOCK_R` rows of fp32 gate scores `[B*H, R, C]` in registers and writes the
 int8 selection of the same shape. Both rules reduce to "the best `quota` candidates of the row" (ties:
@@ -18,11 +18,11 @@ import triton.language as tl
 
 @triton.jit
 def token_scores(
-    Q, Hi, Mid, Lo, Out, L, C, H, stride_qb, stride_ql, stride_qh,
+    Q, Means, Out, L, C, H, stride_qb, stride_ql, stride_qh, stride_mb, stride_mc, stride_mh,
     D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Out fp32 [B, H, L, C] = Q [B, L, H, D] (bf16, any row strides) @ (Hi + Mid + Lo)^T, the block means
-    as bf16 parts [B, C, H, D]; program (L tile, C tile, b * H + h)."""
+    """Out fp32 [B, H, L, C] = Q [B, L, H, D] (bf16) @ Means^T, the fp32 block means [B, C, H, D] (both with
+    any strides but the last); program (L tile, C tile, b * H + h)."""
     rows = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     bh = tl.program_id(2)
@@ -30,11 +30,15 @@ def token_scores(
     d = tl.arange(0, D)
     q_ptrs = Q + b * stride_qb + rows.to(tl.int64)[:, None] * stride_ql + h * stride_qh + d[None, :]
     q = tl.load(q_ptrs, mask=(rows < L)[:, None], other=0.0)
-    k_offs = ((b * C + cols[:, None]) * H + h) * D + d[None, :]
-    k_ok = (cols < C)[:, None]
-    acc = tl.dot(q, tl.trans(tl.load(Lo + k_offs, mask=k_ok, other=0.0)))  # smallest part first
-    acc = tl.dot(q, tl.trans(tl.load(Mid + k_offs, mask=k_ok, other=0.0)), acc)
-    acc = tl.dot(q, tl.trans(tl.load(Hi + k_offs, mask=k_ok, other=0.0)), acc)
+    m_ptrs = Means + b * stride_mb + cols[:, None] * stride_mc + h * stride_mh + d[None, :]
+    mean = tl.load(m_ptrs, mask=(cols < C)[:, None], other=0.0)
+    hi = mean.to(tl.bfloat16)  # each part the next 8 bits of the mean
+    rest = mean - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    acc = tl.dot(q, tl.trans(lo))  # smallest part first
+    acc = tl.dot(q, tl.trans(mid), acc)
+    acc = tl.dot(q, tl.trans(hi), acc)
     out = Out + (bh.to(tl.int64) * L + rows[:, None]) * C + cols[None, :]
     tl.store(out, acc, mask=(rows < L)[:, None] & (cols < C)[None, :])
 

@@ -22,7 +22,7 @@ from .partition import (
     valid_mask,
 )
 from .reference import reference_attention
-from .selection import gate_scores, select_from_scores
+from .selection import block_means, gate_scores, select_from_scores
 from .tiles import TILE
 
 BACKENDS = ("auto", "reference", "flex", "fa4", "keyed", "flash_varlen")
@@ -95,10 +95,13 @@ def _select(qb, kb, layout: BlockLayout, valid, config: VMoBAConfig, kind: str) 
     )
     rows_per_block = layout.padded_volume if token else 1
 
+    # The block means once for all heads: per chunk they were ~15 more small launches, and the gate is
+    # bound by launches once its kernels are fast (note 27).
+    k_mean = block_means(kb, layout.padded_volume, valid)
+
     def select(heads: slice) -> torch.Tensor:
-        scores = gate_scores(
-            qb[:, :, heads], kb[:, :, heads], layout.padded_volume, valid, config.granularity
-        )
+        q_rows, means = qb[:, :, heads], k_mean[:, :, heads]
+        scores = gate_scores(q_rows, kb[:, :, heads], layout.padded_volume, valid, config.granularity, means)
         return select_from_scores(scores, row_valid, rows_per_block, **rules)
 
     B, _, H, _ = qb.shape
