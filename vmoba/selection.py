@@ -168,8 +168,8 @@ def _fused_select(scores, row_valid, rows_per_block: int, selection: str, thresh
     [B, H, R, C] -> bool [B, H, R, C]. No sort: each row's cut is found bit by bit (32 counting passes in
     registers). Top-k picks exactly what the sort picks (ties to the lower block); the threshold rule
     sums shares in another order than the sort's cumsum, so a row whose cut lies within rounding of
-    `need` may take one block more or fewer. 1.1 GB of token scores at 55K tokens: ~3 ms instead of the
-    sort's ~26 (docs/benchmarks.md, note 16)."""
+    `need` may take one block more or fewer. 1.1 GB of token scores at 55K tokens: 1.8 ms (top-k) and 3.2
+    (threshold) instead of the sort's ~26 (docs/benchmarks.md, notes 16 and 27)."""
     from . import _select_kernels
 
     B, H, R, C = scores.shape
