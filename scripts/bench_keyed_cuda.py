@@ -47,10 +47,7 @@ def main(argv=None):
 
     def forward(cuda: bool):
         acc, row_sum = torch.zeros(qb.shape, device="cuda"), torch.zeros_like(offsets)
-        if cuda:
-            _keyed_cuda.accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid8)
-        else:
-            keyed._launch(1, qb, kb, vb, acc, offsets, row_sum, starts, rows, valid8)
+        keyed.accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid8, cuda)
         return acc, row_sum
 
     if not _keyed_cuda.usable(qb):
@@ -67,10 +64,7 @@ def main(argv=None):
 
     def backward(cuda: bool):
         dq, dk, dv = torch.zeros(qb.shape, device="cuda"), torch.empty_like(kb), torch.empty_like(vb)
-        if cuda:
-            _keyed_cuda.backward(qb, kb, vb, do, dq, dk, dv, lse, delta, starts, rows, valid8)
-        else:
-            keyed._launch(2, qb, kb, vb, dq, lse, delta, starts, rows, valid8, do=do, dk=dk, dv=dv)
+        keyed.backward_pass(qb, kb, vb, do, dq, dk, dv, lse, delta, starts, rows, valid8, cuda)
         return dq, dk, dv
 
     # dk, dv are bf16: 2^-8 relative rounding of sums taken in another order

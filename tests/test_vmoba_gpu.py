@@ -346,7 +346,15 @@ def test_keyed_with_a_text_prefix_matches_the_reference_with_one_host_sync():
     assert_matches_the_reference_with_prefix([out, *grads], cfg, qkv, grad_out)
 
 
-@pytest.mark.parametrize("R, C, V, topk", [(4096, 432, 128, 108), (1536, 24, 64, 7), (300, 5, 60, 9)])
+@pytest.mark.parametrize(
+    "R, C, V, topk",
+    [
+        (4096, 432, 128, 108),
+        (1536, 24, 64, 7),
+        (300, 5, 60, 9),
+        (512, 1500, 64, 300),  # 2048 columns: 4 warps share a row
+    ],
+)
 def test_fused_selection_picks_what_the_sort_picks(R, C, V, topk):
     from vmoba import selection
 
@@ -421,10 +429,7 @@ def test_keyed_cuda_pass_is_as_accurate_as_the_triton_pass(monkeypatch):
     got = {}
     for name in ("triton", "cuda"):
         acc, row_sum = torch.zeros(qb.shape, device="cuda"), torch.zeros_like(offsets)
-        if name == "cuda":
-            _keyed_cuda.accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid8)
-        else:
-            keyed._launch(1, qb, kb, vb, acc, offsets, row_sum, starts, rows, valid8)
+        keyed.accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid8, cuda=name == "cuda")
         got[name] = (acc, row_sum)
     mask = token_mask(sel, S, valid)  # [B, H, L, L]
     s = torch.einsum("blhd,bkhd->bhlk", qb.double(), kb.double()) * 128**-0.5 * 1.4426950408889634

@@ -127,8 +127,6 @@ __device__ __forceinline__ u32 pack(float lo, float hi) {  // two bf16, lo in th
   return v;
 }
 
-
-
 // --- What both kernels share. A tile's gathered rows are 64 rows of a row list, staged as a swizzled
 // [2][64][128 B] tile; full / empty mbarriers hand buffers between the roles.
 

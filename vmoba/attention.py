@@ -100,8 +100,9 @@ def _select(qb, kb, layout: BlockLayout, valid, config: VMoBAConfig, kind: str) 
     k_mean = block_means(kb, layout.padded_volume, valid)
 
     def select(heads: slice) -> torch.Tensor:
-        q_rows, means = qb[:, :, heads], k_mean[:, :, heads]
-        scores = gate_scores(q_rows, kb[:, :, heads], layout.padded_volume, valid, config.granularity, means)
+        scores = gate_scores(
+            qb[:, :, heads], k_mean[:, :, heads], layout.padded_volume, valid, config.granularity
+        )
         return select_from_scores(scores, row_valid, rows_per_block, **rules)
 
     B, _, H, _ = qb.shape

@@ -130,6 +130,23 @@ def _launch(PASS, q, k, v, acc, stat, stat2, starts, rows, valid, skip=None, do=
     )  # fmt: skip
 
 
+def accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid, cuda: bool) -> None:
+    """Forward pass 1 (module docstring): add `exp2(s - offset) @ v` to `acc` and the row sums to `row_sum`,
+    on Hopper's warp-specialised CUDA kernel when `cuda` (`_keyed_cuda.usable`), else on Triton's."""
+    if cuda:
+        _keyed_cuda.accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid)
+    else:
+        _launch(1, qb, kb, vb, acc, offsets, row_sum, starts, rows, valid)
+
+
+def backward_pass(qb, kb, vb, do, dq, dk, dv, lse, delta, starts, rows, valid, cuda: bool) -> None:
+    """The backward: add dq to the fp32 `dq`, write `dk`, `dv`; on the CUDA kernel when `cuda`, as above."""
+    if cuda:
+        _keyed_cuda.backward(qb, kb, vb, do, dq, dk, dv, lse, delta, starts, rows, valid)
+    else:
+        _launch(2, qb, kb, vb, dq, lse, delta, starts, rows, valid, do=do, dk=dk, dv=dv)
+
+
 def _rowwise(kernel, *tensors: torch.Tensor) -> None:
     """Run `finish` or `row_dot` (vmoba/_keyed_kernels.py) over the rows of contiguous [B, L, H, D] tensors."""
     B, L, H, D = tensors[0].shape
@@ -175,10 +192,7 @@ class _Keyed(torch.autograd.Function):
         _launch(0, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid, skip=bounded)
         # Hopper: pass 1 and the backward as warp-specialised CUDA kernels (vmoba/_keyed.cu), decided once.
         ctx.cuda = _keyed_cuda.usable(qb)
-        if ctx.cuda:
-            _keyed_cuda.accumulate(qb, kb, vb, acc, row_max, row_sum, starts, rows, valid)
-        else:
-            _launch(1, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid)
+        accumulate(qb, kb, vb, acc, row_max, row_sum, starts, rows, valid, ctx.cuda)
         # Rows that selected nothing (padding) have sum 0: output 0, lse -inf (log2 units).
         out_b, lse = torch.empty_like(qb), torch.empty_like(row_max)
         _rowwise(_kernels().finish, acc, row_max, row_sum, out_b, lse)
@@ -195,10 +209,7 @@ class _Keyed(torch.autograd.Function):
         _rowwise(_kernels().row_dot, grad_b, out_b, delta)
         dq = torch.zeros(qb.shape, dtype=torch.float32, device=qb.device)
         dk, dv = torch.empty_like(kb), torch.empty_like(vb)
-        if ctx.cuda:
-            _keyed_cuda.backward(qb, kb, vb, grad_b, dq, dk, dv, lse, delta, starts, rows, valid)
-        else:
-            _launch(2, qb, kb, vb, dq, lse, delta, starts, rows, valid, do=grad_b, dk=dk, dv=dv)
+        backward_pass(qb, kb, vb, grad_b, dq, dk, dv, lse, delta, starts, rows, valid, ctx.cuda)
         grads = (ctx.order.from_blocks(g) for g in (dq.to(qb.dtype), dk, dv))
         return (*grads, None, None, None, None, None)
 

@@ -37,21 +37,12 @@ def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.
 
 
 def gate_scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    block_size: int,
-    valid: torch.Tensor,
-    granularity: str,
-    k_mean: torch.Tensor | None = None,
+    q: torch.Tensor, k_mean: torch.Tensor, block_size: int, valid: torch.Tensor, granularity: str
 ) -> torch.Tensor:
-    """fp32 gate scores: q, k [B, C*S, H, D] in block order -> [B, H, R, C] (R = C*S tokens or C blocks).
-
-    k_mean: `block_means(k, block_size, valid)` [B, C, H, D] if already computed (k is then not read), e.g.
-    once for all heads when the scores are taken a few heads at a time.
-    """
+    """fp32 gate scores: q [B, C*S, H, D] in block order against the key blocks' fp32 means k_mean
+    [B, C, H, D] (`block_means`, any strides) -> [B, H, R, C] (R = C*S tokens or C blocks). The means are
+    the caller's, so a gate taken a few heads at a time computes them once."""
     with torch.autocast(q.device.type, enabled=False):  # the gate is fp32 even inside a bf16 autocast region
-        if k_mean is None:
-            k_mean = block_means(k, block_size, valid)
         if granularity == "token" and _tensor_core_scores_usable(q):
             return _tensor_core_scores(q, k_mean)
         q_rows = q.float() if granularity == "token" else block_means(q, block_size, valid)
@@ -239,7 +230,7 @@ def select_blocks(
         pad = C * block_size - L
         q, k = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k))
         valid = torch.nn.functional.pad(valid, (0, pad))
-    scores = gate_scores(q, k, block_size, valid, granularity)
+    scores = gate_scores(q, block_means(k, block_size, valid), block_size, valid, granularity)
     token = granularity == "token"
     row_valid = valid if token else torch.ones(C, dtype=torch.bool, device=q.device)
     sel = select_from_scores(
