@@ -42,7 +42,9 @@ namespace {
 
 constexpr int D = 128, BN = 128;  // head dim; keys per program
 constexpr int KV_BYTES = BN * D * 2;  // a key tile
-constexpr int OSTRIDE = D + 4;  // fp32 per staged output row: 528 B, 16-B aligned, conflict-free fragment writes
+// fp32 per staged output row: 544 B, 16-B aligned; 8 banks apart, so the 64-bit fragment writes of a half-warp
+// (4 rows x 4 lanes x 8 B) hit 32 distinct banks (D + 4 left them 2-way conflicted).
+constexpr int OSTRIDE = D + 8;
 constexpr int O_BYTES = 64 * OSTRIDE * 4;  // 64 staged rows
 
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -149,15 +151,15 @@ struct Barriers {
   __device__ u32 o_full() const { return at + 16 * NQ; }
   __device__ u32 o_empty() const { return at + 16 * NQ + 8; }
   // By one thread: `gatherers` producer lanes fill each query buffer (each lane arrives when its copies
-  // land); `consumers` threads free it and stage each tile's rows; the reducer warp's lane 0 frees the
-  // staging buffer.
-  __device__ void init(int gatherers, int consumers) const {
+  // land); `consumers` threads free it and stage each tile's rows; lane 0 of each of `reducers` warps frees
+  // the staging buffer.
+  __device__ void init(int gatherers, int consumers, int reducers) const {
     for (int s = 0; s < NQ; ++s) {
       mbar_init(q_full(s), gatherers);
       mbar_init(q_empty(s), consumers);
     }
     mbar_init(o_full(), consumers);
-    mbar_init(o_empty(), 1);
+    mbar_init(o_empty(), reducers);
   }
 };
 
@@ -209,16 +211,19 @@ __device__ __forceinline__ void produce(const int* list, int n, int tile_stride,
   asm volatile("cp.async.wait_all;" ::: "memory");  // no copy outlives its warp
 }
 
-// Reducer warp: once the consumers have staged tile t's 64 fp32 rows (stride OSTRIDE), adds row r to
-// dst + list[t * tile_stride + r] * stride_l (rows past n skipped), one bulk reduce-add each. One staging
-// buffer is all that fits: it is free again once its rows have been read.
+// Reducer warp: once the consumers have staged tile t's 64 fp32 rows (stride OSTRIDE), adds rows first + lane
+// + 32 i (i < PER_LANE) to dst + list[t * tile_stride + r] * stride_l (rows past n skipped), one bulk
+// reduce-add each. One staging buffer is all that fits: it is free again once its rows have been read. A warp
+// issues a bulk copy every ~90 cycles (note 28): 64 rows take about a backward tile's time, so the backward
+// splits them over two warps.
+template <int PER_LANE>
 __device__ __forceinline__ void reduce(const float* staged, const int* list, int n, int tile_stride, int ntiles,
-                                       float* dst, int stride_l, u32 full, u32 empty, int lane) {
+                                       float* dst, int stride_l, u32 full, u32 empty, int lane, int first) {
   for (int t = 0; t < ntiles; ++t) {
     mbar_wait(full, t & 1);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int r = lane + 32 * i;
+    for (int i = 0; i < PER_LANE; ++i) {
+      const int r = first + lane + 32 * i;
       if (t * tile_stride + r < n) {
         float* row = dst + (i64)list[t * tile_stride + r] * stride_l;
         asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(row),
@@ -241,7 +246,7 @@ constexpr int Q_BYTES = WM * D * 2;                      // a warpgroup's 64 que
 constexpr int SMEM = 2 * KV_BYTES + 2 * NQ * Q_BYTES + 2 * O_BYTES + 2 * Barriers<NQ>::BYTES;
 }  // namespace fwd
 
-// Launch: grid (L / 128, B * H), 384 threads, SMEM = 198,752 bytes of dynamic shared memory.
+// Launch: grid (L / 128, B * H), 384 threads, SMEM = 200,800 bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
     keyed_forward(const bf16* q, const bf16* k, const bf16* v,  // [B, L, H, D] block order
                   float* acc, float* rowsum,                    // [B, L, H, D] and [B, H, L], added to
@@ -269,14 +274,14 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
   const int* half_rows = rows + start + w * WM;  // + t * BM: this pipeline's rows of tile t
   const int half_count = count - w * WM;         // its row r of tile t exists while t * BM + r < half_count
 
-  if (warp >= 8 && warp < 10 && lane == 0) bar.init(32, 128);  // per pipeline: 1 producer warp, 1 warpgroup
+  if (warp >= 8 && warp < 10 && lane == 0) bar.init(32, 128, 1);  // per pipeline: producer, warpgroup, reducer
   load_kv(Ks, Vs, k, v, base, key_tile, stride_l);
 
   if (warp == 8 || warp == 9) {  // producer: the pipeline's 64 rows of each 128-row tile
     produce<NQ>(half_rows, half_count, BM, ntiles, q, base, stride_l, [&](int s) { return Qs + s * Q_BYTES; },
                 bar, lane, [](u32, const int*) {});
   } else if (warp >= 10) {  // reducer: the pipeline's staged output rows into acc
-    reduce(Os, half_rows, half_count, BM, ntiles, acc + base, stride_l, bar.o_full(), bar.o_empty(), lane);
+    reduce<2>(Os, half_rows, half_count, BM, ntiles, acc + base, stride_l, bar.o_full(), bar.o_empty(), lane, 0);
   } else {  // consumer warpgroup w: rows (warp % 4) * 16 + g and + 8 of its half (g = lane / 4, q4 = lane % 4)
     const int g = lane >> 2, q4 = lane & 3, r0 = (warp & 3) * 16 + g, r1 = r0 + 8;
     u32 key_ok = 0;  // bit 2 nt + e: key nt * 8 + 2 q4 + e of the tile is valid
@@ -368,8 +373,8 @@ constexpr int SMEM = 2 * KV_BYTES + NQ * STAGE_BYTES + 2 * DS_BYTES + O_BYTES + 
 // The backward (dq added, dk and dv written), FlashAttention-3's key-major loop over each key tile's gathered
 // query tiles: two consumer warpgroups (64 keys each: s^T = k q^T, dp^T = v do^T, dv += p^T do, dk += ds^T q;
 // then dq = ds k, 64 columns of D each, from ds^T in shared memory), two producer warps (cp.async gathers of
-// q, and of dO with the rows' lse and delta), one reducer warp (TMA bulk reduce-adds of the staged dq rows).
-// Launch: grid (L / 128, B * H), 384 threads, bwd::SMEM = 199,728 bytes of dynamic shared memory.
+// q, and of dO with the rows' lse and delta), two reducer warps (TMA bulk reduce-adds of the staged dq rows,
+// 32 each). Launch: grid (L / 128, B * H), 384 threads, bwd::SMEM = 200,752 bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
     keyed_backward(const bf16* q, const bf16* k, const bf16* v, const bf16* dout,  // [B, L, H, D] block order
                    float* dq, bf16* dk, bf16* dv,        // dq [B, L, H, D] fp32, added to; dk, dv written
@@ -392,10 +397,10 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
   const int count = (int)(starts[cell + 1] - start), ntiles = (count + BM - 1) / BM;
   const int* tile_rows = rows + start;
 
-  if (threadIdx.x == 0) bar.init(64, 256);  // 2 producer warps, 2 warpgroups
+  if (threadIdx.x == 0) bar.init(64, 256, 2);  // 2 producer warps, 2 warpgroups, 2 reducer warps
   load_kv(Ks, Vs, k, v, base, key_tile, stride_l);
 
-  if (warp >= 8) {  // the third warpgroup: registers to the consumers, then two producers and a reducer
+  if (warp >= 8) {  // the third warpgroup: registers to the consumers, then two producers and two reducers
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;" ::: "memory");
     auto stage = [&](int s) { return stages + s * STAGE_BYTES + (warp - 8) * ROWS_BYTES; };
     if (warp == 8) {  // q rows
@@ -414,8 +419,9 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
                       cp_async4(stat + 4 * (BM + 32 * m + lane), delta + at, row >= 0);
                     }
                   });
-    } else if (warp == 10) {  // reducer: the staged dq rows
-      reduce(Os, tile_rows, count, BM, ntiles, dq + base, stride_l, bar.o_full(), bar.o_empty(), lane);
+    } else {  // reducers: the staged dq rows, 32 per warp
+      reduce<1>(Os, tile_rows, count, BM, ntiles, dq + base, stride_l, bar.o_full(), bar.o_empty(), lane,
+                32 * (warp - 10));
     }
     return;
   }
