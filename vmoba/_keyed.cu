@@ -83,6 +83,17 @@ __device__ __forceinline__ u64 desc(u32 addr, u32 lbo, u32 sbo) {
   return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) |
          (1ull << 62);
 }
+// Descriptor d moved `bytes` (a multiple of 16) further into shared memory: one 32-bit add to the start field
+// (addr >> 4 in bits 0-13; shared addresses stay below 2^18, so it cannot carry into the next field). Each
+// product's descriptors are a base computed once plus constants: computed whole per product they cost ~15%
+// of the consumers' issue slots (note 29).
+__device__ __forceinline__ u64 plus(u64 d, u32 bytes) {
+  return (d & 0xFFFFFFFF00000000ull) | (u32)((u32)d + (bytes >> 4));
+}
+// x, which the caller knows to be the same in every lane, as the compiler can see it is: from lane 0. Then
+// addresses and descriptors built from it live in uniform registers, as wgmma takes them, instead of being
+// moved there before every product (backward -1 ms, note 29).
+__device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit_wait() {
   asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;" ::: "memory");
@@ -261,7 +272,7 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
   const float scale_log2 = (float)(scale * 1.4426950408889634);  // scale = D^-0.5
   const int key_tile = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh % H;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int w = warp < 8 ? warp >> 2 : warp & 1;  // the pipeline (query half) this warp belongs to
+  const int w = warp_uniform(warp < 8 ? warp >> 2 : warp & 1);  // the pipeline (query half) of this warp
   const u32 Qs = Vs + KV_BYTES + w * NQ * Q_BYTES;  // this pipeline's NQ query buffers
   float* Os = reinterpret_cast<float*>(smem + 2 * KV_BYTES + 2 * NQ * Q_BYTES + w * O_BYTES);
   const Barriers<NQ> bar{Ks + 2 * KV_BYTES + 2 * NQ * Q_BYTES + 2 * O_BYTES + w * Barriers<NQ>::BYTES};
@@ -291,6 +302,8 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
       for (int e = 0; e < 2; ++e) key_ok |= (u32)(valid[key_tile * BN + nt * 8 + 2 * q4 + e] != 0) << (2 * nt + e);
     float s[64], o[64];
     u32 pa[8][4];
+    // Descriptors: k and the query buffers K-major, v MN-major (its column halves KV_BYTES / 2 apart)
+    const u64 k_desc = desc(Ks, 16, 1024), q_desc = desc(Qs, 16, 1024), v_desc = desc(Vs, KV_BYTES / 2, 1024);
     // This thread's two rows of each tile and their offsets, loaded a tile ahead (their latency under the
     // products): the row indices at the start of the previous tile, the offsets after its s.
     bool ok0 = r0 < half_count, ok1 = r1 < half_count;
@@ -303,14 +316,13 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
       mbar_wait(bar.q_full(st), (t / NQ) & 1);
       fence_async_shared();
 
-      const u32 qa = Qs + st * Q_BYTES;
+      const u64 qd = plus(q_desc, st * Q_BYTES);
       fence_regs(s);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {  // 16 columns of D per step; 4 steps per 64-column half
         const u32 col = (kk & 3) * 32;
-        wgmma_ss(s, desc(qa + (kk >> 2) * Q_BYTES / 2 + col, 16, 1024),
-                 desc(Ks + (kk >> 2) * KV_BYTES / 2 + col, 16, 1024), kk);
+        wgmma_ss(s, plus(qd, (kk >> 2) * Q_BYTES / 2 + col), plus(k_desc, (kk >> 2) * KV_BYTES / 2 + col), kk);
       }
       wgmma_commit_wait();
       fence_regs(s);
@@ -344,7 +356,7 @@ extern "C" __global__ void __launch_bounds__(fwd::THREADS, 1)
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk)  // 16 keys per step: 2 groups of 8 rows of V (SBO), 2 column halves (LBO)
-        wgmma_rs(o, pa[kk], desc(Vs + kk * 2048, KV_BYTES / 2, 1024), kk);
+        wgmma_rs(o, pa[kk], plus(v_desc, kk * 2048), kk);
       wgmma_commit_wait();
       fence_regs(o);
 
@@ -429,18 +441,26 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
   // Consumer warpgroup w: key rows 64 w + k0 and + k1 of the tile (k0 = (warp % 4) * 16 + g, k1 = k0 + 8);
   // in dq, query rows k0, k1 and columns 64 w + 8 nt + 2 q4 (g = lane / 4, q4 = lane % 4).
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;" ::: "memory");
-  const int w = warp >> 2, g = lane >> 2, q4 = lane & 3, k0 = (warp & 3) * 16 + g, k1 = k0 + 8;
+  const int w = warp_uniform(warp >> 2), g = lane >> 2, q4 = lane & 3, k0 = (warp & 3) * 16 + g, k1 = k0 + 8;
   const bool kok0 = valid[key_tile * BN + w * 64 + k0] != 0, kok1 = valid[key_tile * BN + w * 64 + k1] != 0;
   const u32 ka = Ks + w * 64 * 128, va = Vs + w * 64 * 128;  // this warpgroup's keys in each column half
   const u32 ostage0 = smem_addr(Os + k0 * OSTRIDE + w * 64 + 2 * q4), ostage1 = ostage0 + 8 * OSTRIDE * 4;
+  // Descriptors: k, v and the stages' rows K-major; the stages' rows, ds^T and k MN-major (column halves
+  // ROWS_BYTES / 2 or KV_BYTES / 2 apart)
+  const u64 k_desc = desc(ka, 16, 1024), v_desc = desc(va, 16, 1024), rows_k = desc(stages, 16, 1024);
+  const u64 rows_mn = desc(stages, ROWS_BYTES / 2, 1024), ds_mn = desc(dS, ROWS_BYTES / 2, 1024);
+  const u64 k_mn = desc(Ks + w * KV_BYTES / 2, KV_BYTES / 2, 1024);
   float dk_acc[64], dv_acc[64], sp[32], dp[32], dqa[32];
   u32 pa[4][4], da[4][4];
 #pragma unroll
   for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
   for (int t = 0; t < ntiles; ++t) {
     const int s = t % NQ;
-    const u32 qs = stages + s * STAGE_BYTES, dos = qs + ROWS_BYTES, dsb = dS + (t & 1) * DS_BYTES;
-    const float* stat = reinterpret_cast<const float*>(smem + (qs - Ks) + 2 * ROWS_BYTES);
+    const u32 at = s * STAGE_BYTES, dsb = dS + (t & 1) * DS_BYTES;  // this tile's stage and ds^T buffer
+    const u64 q_k = plus(rows_k, at), do_k = plus(rows_k, at + ROWS_BYTES);
+    const u64 q_mn = plus(rows_mn, at), do_mn = plus(rows_mn, at + ROWS_BYTES);
+    const u64 ds_t = plus(ds_mn, (t & 1) * DS_BYTES);
+    const float* stat = reinterpret_cast<const float*>(smem + (stages - Ks) + at + 2 * ROWS_BYTES);
     mbar_wait(bar.q_full(s), (t / NQ) & 1);
     fence_async_shared();
 
@@ -451,12 +471,12 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       const u32 col = (kk & 3) * 32, hk = (kk >> 2) * KV_BYTES / 2, hq = (kk >> 2) * ROWS_BYTES / 2;
-      wgmma_ss64<0, 0>(sp, desc(ka + hk + col, 16, 1024), desc(qs + hq + col, 16, 1024), kk);
+      wgmma_ss64<0, 0>(sp, plus(k_desc, hk + col), plus(q_k, hq + col), kk);
     }
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       const u32 col = (kk & 3) * 32, hk = (kk >> 2) * KV_BYTES / 2, hq = (kk >> 2) * ROWS_BYTES / 2;
-      wgmma_ss64<0, 0>(dp, desc(va + hk + col, 16, 1024), desc(dos + hq + col, 16, 1024), kk);
+      wgmma_ss64<0, 0>(dp, plus(v_desc, hk + col), plus(do_k, hq + col), kk);
     }
     wgmma_commit_wait();
     fence_regs<32>(sp);
@@ -495,9 +515,9 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
     fence_regs(dk_acc);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs(dv_acc, pa[kk], desc(dos + kk * 2048, ROWS_BYTES / 2, 1024), 1);
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs(dv_acc, pa[kk], plus(do_mn, kk * 2048), 1);
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs(dk_acc, da[kk], desc(qs + kk * 2048, ROWS_BYTES / 2, 1024), 1);
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs(dk_acc, da[kk], plus(q_mn, kk * 2048), 1);
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("bar.sync 1, 256;" ::: "memory");  // both warpgroups' ds^T are in shared memory
 
@@ -506,8 +526,7 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
-      wgmma_ss64<1, 1>(dqa, desc(dsb + kk * 2048, ROWS_BYTES / 2, 1024),
-                       desc(Ks + w * KV_BYTES / 2 + kk * 2048, KV_BYTES / 2, 1024), kk);
+      wgmma_ss64<1, 1>(dqa, plus(ds_t, kk * 2048), plus(k_mn, kk * 2048), kk);
     wgmma_commit_wait();
     fence_regs(dv_acc);
     fence_regs(dk_acc);
