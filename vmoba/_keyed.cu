@@ -206,11 +206,16 @@ __device__ __forceinline__ void produce(const int* list, int n, int tile_stride,
     my_rows[1] = next_rows[1];
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
+      // Each lane's row's address (row 0's past the list's end, which copy nothing) and which rows exist: the
+      // lanes then shuffle addresses instead of each computing one from a row index per chunk (the 64-bit
+      // multiplies made the producers the backward's bottleneck, note 31).
+      const u64 mine = (u64)(src + base + (i64)(my_rows[m] < 0 ? 0 : my_rows[m]) * stride_l);
+      const u32 exists = __ballot_sync(0xffffffffu, my_rows[m] >= 0);
 #pragma unroll 4
       for (int j = 0; j < 16; ++j) {  // rows 32 m + 2j and + 1, one per half-warp, 16 chunks each
-        const int r = 32 * m + 2 * j + half, row = __shfl_sync(0xffffffffu, my_rows[m], r & 31);
-        cp_async16(stage(s) + chunk_offset(r, c, 64), src + base + (i64)(row < 0 ? 0 : row) * stride_l + c * 8,
-                   row >= 0);
+        const int r = 32 * m + 2 * j + half;
+        const bf16* at = reinterpret_cast<const bf16*>(__shfl_sync(0xffffffffu, mine, r & 31)) + c * 8;
+        cp_async16(stage(s) + chunk_offset(r, c, 64), at, exists >> (r & 31) & 1);
       }
     }
     extra(stage(s), my_rows);
