@@ -231,7 +231,7 @@ __device__ __forceinline__ void produce(const int* list, int n, int tile_stride,
 // + 32 i (i < PER_LANE) to dst + list[t * tile_stride + r] * stride_l (rows past n skipped), one bulk
 // reduce-add each. One staging buffer is all that fits: it is free again once its rows have been read. A warp
 // issues a bulk copy every ~90 cycles (note 28): 64 rows take about a backward tile's time, so the backward
-// splits them over two warps.
+// splits them over two warps. (An SM takes one every ~45 cycles however many warps issue them, note 30.)
 template <int PER_LANE>
 __device__ __forceinline__ void reduce(const float* staged, const int* list, int n, int tile_stride, int ntiles,
                                        float* dst, int stride_l, u32 full, u32 empty, int lane, int first) {
