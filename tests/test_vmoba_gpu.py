@@ -408,7 +408,7 @@ def test_selection_stats_of_a_token_selection_match_the_cpu():
 
 def test_keyed_cuda_pass_is_as_accurate_as_the_triton_pass(monkeypatch):
     # The Hopper forward pass (vmoba/_keyed.cu) against Triton's pass 1 and an fp64 reference of
-    # what both add: padded blocks (invalid keys), row lists of every length mod 64, two batches, 3 heads.
+    # what both add: padded blocks (invalid keys), row lists ending anywhere in a tile, two batches, 3 heads.
     keyed = keyed_or_skip()
     from vmoba import _keyed_cuda
 
@@ -424,6 +424,10 @@ def test_keyed_cuda_pass_is_as_accurate_as_the_triton_pass(monkeypatch):
     assert not _keyed_cuda.usable(qb)
     monkeypatch.delenv("VMOBA_KEYED_CUDA")
     starts, rows = keyed.row_lists(sel, valid, S)
+    # The premise: last tiles (128 rows, a 64-row half per pipeline) that end in either half, so both
+    # pipelines' partial and empty tiles run.
+    tails = (starts.diff() % 128).tolist()
+    assert any(0 < r < 64 for r in tails) and any(r > 64 for r in tails), tails
     offsets, _ = keyed.row_offsets(qb, kb)
     valid8 = valid.view(torch.uint8)
     got = {}

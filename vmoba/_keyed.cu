@@ -229,9 +229,9 @@ __device__ __forceinline__ void produce(const int* list, int n, int tile_stride,
 
 // Reducer warp: once the consumers have staged tile t's 64 fp32 rows (stride OSTRIDE), adds rows first + lane
 // + 32 i (i < PER_LANE) to dst + list[t * tile_stride + r] * stride_l (rows past n skipped), one bulk
-// reduce-add each. One staging buffer is all that fits: it is free again once its rows have been read. A warp
-// issues a bulk copy every ~90 cycles (note 28): 64 rows take about a backward tile's time, so the backward
-// splits them over two warps. (An SM takes one every ~45 cycles however many warps issue them, note 30.)
+// reduce-add each. One staging buffer is all that fits: it is free again once its rows have been read. The
+// backward splits each tile's 64 rows over two warps (its fourth warp was idle; -0.3 ms, note 28); the SM
+// itself takes a bulk copy every ~45 cycles however many warps issue them (note 30).
 template <int PER_LANE>
 __device__ __forceinline__ void reduce(const float* staged, const int* list, int n, int tile_stride, int ntiles,
                                        float* dst, int stride_l, u32 full, u32 empty, int lane, int first) {
@@ -461,10 +461,9 @@ extern "C" __global__ void __launch_bounds__(bwd::THREADS, 1)
   for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
   for (int t = 0; t < ntiles; ++t) {
     const int s = t % NQ;
-    const u32 at = s * STAGE_BYTES, dsb = dS + (t & 1) * DS_BYTES;  // this tile's stage and ds^T buffer
+    const u32 at = s * STAGE_BYTES, ds_at = (t & 1) * DS_BYTES, dsb = dS + ds_at;  // this tile's stage, ds^T
     const u64 q_k = plus(rows_k, at), do_k = plus(rows_k, at + ROWS_BYTES);
-    const u64 q_mn = plus(rows_mn, at), do_mn = plus(rows_mn, at + ROWS_BYTES);
-    const u64 ds_t = plus(ds_mn, (t & 1) * DS_BYTES);
+    const u64 q_mn = plus(rows_mn, at), do_mn = plus(rows_mn, at + ROWS_BYTES), ds_t = plus(ds_mn, ds_at);
     const float* stat = reinterpret_cast<const float*>(smem + (stages - Ks) + at + 2 * ROWS_BYTES);
     mbar_wait(bar.q_full(s), (t / NQ) & 1);
     fence_async_shared();
