@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import build_dataloader
 from data.cache import producer_description
-from models.attention import install_attention
+from models.attention import enable_checkpointing, install_attention
 from models.encoders import build_text_encoder, build_vae
 from models.transformer import build_transformer
 from training.checkpoint import Checkpointer, TrainerState
@@ -63,7 +63,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
     model = build_transformer(cfg.model.transformer)
     controller = install_attention(model, cfg.attention)
     if cfg.train.activation_checkpointing:
-        model.enable_gradient_checkpointing()
+        enable_checkpointing(model, keep_attention=cfg.train.keep_attention)
     model.train()
     engine = build_engine(model, cfg, world_size)
     ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None

@@ -12,12 +12,18 @@ Processors and kernels own no parameters, so one checkpoint loads and trains wit
 Processors do not receive the latent shape, so `install_attention` adds a forward pre-hook on the
 transformer that sets the token grid `(F/pt, H/ph, W/pw)` on the controller at every forward. VMoBA's
 selection is a deterministic function of `q, k`, so activation checkpointing recomputes the same mask.
+
+With activation checkpointing every block's forward runs twice, and attention is most of a block's forward
+at long sequences. `enable_checkpointing(model, keep_attention=True)` keeps each block's attention output
+and the tensors its backward needs through the checkpoint (memory for speed, docs/training.md), so the
+recompute takes the kept output instead of running the kernel again.
 """
 
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.utils.checkpoint
 from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
@@ -73,14 +79,72 @@ class AttentionController:
             self._hook = None
 
 
-class FullAttention:
-    """Dense softmax attention of one layer: `(q, k, v: [B, N, H, D], num_text) -> [B, N, H, D]`."""
+# The attention outputs kept by the block that `enable_checkpointing(keep_attention=True)` is running (its
+# forward or its recompute), by layer; None outside such a block.
+_kept: dict[int, torch.Tensor] | None = None
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def enable_checkpointing(model: ModelMixin, keep_attention: bool = False) -> None:
+    """diffusers' activation checkpointing of every transformer block (non-reentrant `torch.utils.checkpoint`).
+
+    With `keep_attention`, each block call gets a dict of its own, live while the checkpoint's graph is:
+    in the block's forward every `LayerAttention` runs its kernel under saved-tensor hooks of its own (so
+    the checkpoint neither drops nor counts what the kernel saves for its backward) and keeps the output
+    there; the checkpoint's recompute, which runs the same block call again, takes the kept output instead
+    of running the kernel. Costs the kept tensors (at 55K tokens ~1 GB per Wan block with VMoBA).
+    """
+    if not keep_attention:
+        model.enable_gradient_checkpointing()
+        return
+
+    def checkpoint(block, *args):
+        kept: dict[int, torch.Tensor] = {}
+
+        def run(*inputs):
+            global _kept
+            outer, _kept = _kept, kept
+            try:
+                return block(*inputs)
+            finally:
+                _kept = outer
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+
+
+class LayerAttention:
+    """One layer's attention kernel, as its processor calls it: `(q, k, v: [B, N, H, D], num_text) -> [B, N,
+    H, D]`; subclasses implement `attend`. Inside a block checkpointed by `enable_checkpointing(...,
+    keep_attention=True)`, the recompute reuses the forward's output."""
 
     def __init__(self, controller: AttentionController, layer_idx: int):
         self.controller = controller
         self.layer_idx = layer_idx
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int = 0) -> torch.Tensor:
+        kept = _kept
+        if kept is None or not torch.is_grad_enabled():
+            return self.attend(q, k, v, num_text)
+        if self.layer_idx in kept:  # the recompute
+            return kept.pop(self.layer_idx)
+        with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            out = self.attend(q, k, v, num_text)
+        kept[self.layer_idx] = out
+        return out
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FullAttention(LayerAttention):
+    """Dense softmax attention of one layer."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int = 0) -> torch.Tensor:
         one = torch.ones((), device=q.device)
         self.controller.record(self.layer_idx, "density", one)
         if self.controller.measure_recall:
@@ -88,7 +152,7 @@ class FullAttention:
         return vmoba.dense_attention(q, k, v)
 
 
-class VMoBAAttention:
+class VMoBAAttention(LayerAttention):
     """VMoBA attention of one layer on the controller's token grid.
 
     `q, k, v: [B, S + L, H, D]` with `S = num_text` text tokens first and `L = T*H*W` video tokens in
@@ -98,11 +162,10 @@ class VMoBAAttention:
     """
 
     def __init__(self, controller: AttentionController, layer_idx: int):
-        self.controller = controller
-        self.layer_idx = layer_idx
+        super().__init__(controller, layer_idx)
         self.vmoba_cfg = controller.cfg.to_vmoba()
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int = 0) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int = 0) -> torch.Tensor:
         ctrl, grid, cfg = self.controller, self.controller.grid, self.vmoba_cfg
         if grid is None:
             raise RuntimeError("VMoBA attention called outside a transformer forward: no token grid was set")

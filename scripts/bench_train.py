@@ -32,7 +32,7 @@ import deepspeed  # noqa: E402
 from bench_attention import print_profile  # noqa: E402  (this script's folder is on sys.path)
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from models.attention import install_attention  # noqa: E402
+from models.attention import enable_checkpointing, install_attention  # noqa: E402
 from models.config import AttentionConfig, TransformerConfig, from_hydra  # noqa: E402
 from models.transformer import TRANSFORMER_ARCHS, build_transformer  # noqa: E402
 from models.wan_block import fuse_wan_blocks  # noqa: E402
@@ -75,6 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--no-checkpointing", action="store_true", help="disable activation checkpointing")
     p.add_argument(
+        "--keep-attention",
+        action="store_true",
+        help="the checkpoint's recompute reuses each attention output instead of running attention again "
+        "(models.attention.enable_checkpointing(keep_attention=True))",
+    )
+    p.add_argument(
         "--diffusers-blocks",
         action="store_true",
         help="diffusers' own Wan blocks, without the fused elementwise chains of models.wan_block",
@@ -84,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.keep_attention and args.no_checkpointing:
+        p.error("--keep-attention needs activation checkpointing (drop --no-checkpointing)")
     try:
         args.grid = tuple(int(n) for n in args.grid.lower().split("x"))
         assert len(args.grid) == 3 and min(args.grid) > 0
@@ -153,7 +161,7 @@ def main(argv=None) -> list[dict]:
     if args.diffusers_blocks:
         fuse_wan_blocks(model, fused=False)
     if not args.no_checkpointing:
-        model.enable_gradient_checkpointing()
+        enable_checkpointing(model, keep_attention=args.keep_attention)
     engine = make_engine(model, bf16)
     log(f"built {args.arch} and the ZeRO-2 engine on {device}", start)
 
@@ -200,6 +208,7 @@ def main(argv=None) -> list[dict]:
     print(
         f"\n{args.arch}, grid {T}x{H}x{W} = {tokens:,} video tokens + {args.text_len} text, "
         f"{'bf16' if bf16 else 'fp32'}, ZeRO-2, checkpointing={not args.no_checkpointing}, "
+        f"keep_attention={args.keep_attention}, "
         f"{'diffusers' if args.diffusers_blocks else 'fused'} Wan blocks, {device_name}, "
         f"median of {args.steps} steps after {args.warmup} warmup\n"
     )

@@ -65,6 +65,7 @@ def test_every_group_option_validates(group):
         ("attention.threshold=2", "attention.threshold must be in (0, 1]"),
         ("model.vae.dtype=int8", "model.vae.dtype must be one of"),
         ("data.frames=10", "data.frames/height/width: frames must be 4k + 1"),
+        ("train.keep_attention=true", "train.keep_attention: needs train.activation_checkpointing=true"),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, message):

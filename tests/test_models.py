@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf.errors import ConfigKeyError
 
 import vmoba
-from models.attention import FullAttention, VMoBAAttention, install_attention
+from models.attention import FullAttention, VMoBAAttention, enable_checkpointing, install_attention
 from models.config import AttentionConfig, ModelConfig, TransformerConfig, from_hydra
 from models.encoders import TEXT_ARCHS, VAE_ARCHS
 from models.transformer import TRANSFORMER_ARCHS, build_transformer
@@ -282,6 +282,41 @@ def test_gradients_with_checkpointing_match_and_reach_every_weight():
     assert all(plain[f"blocks.{i}.attn1.to_q.weight"].abs().sum() > 0 for i in range(3))
 
 
+@pytest.mark.parametrize("attention", ["vmoba", "full"])
+def test_keep_attention_runs_each_kernel_once_with_the_same_gradients(attention, monkeypatch):
+    """keep_attention: the checkpoint's recompute reuses the forward's attention outputs (the kernel runs
+    once per block instead of twice), each forward's own, and the gradients are plain checkpointing's."""
+    cfg = (
+        AttentionConfig(type="vmoba", **TINY_BLOCKS) if attention == "vmoba" else AttentionConfig(type="full")
+    )
+    kernel = VMoBAAttention if attention == "vmoba" else FullAttention
+    calls = []
+    attend = kernel.attend
+    monkeypatch.setattr(kernel, "attend", lambda self, *a: calls.append(self.layer_idx) or attend(self, *a))
+    seed = int(torch.randint(1000, ()))
+    first, second = (
+        _inputs(shape=(1, 4, 5, 16, 16), seed=seed),
+        _inputs(shape=(1, 4, 5, 16, 16), seed=seed + 1),
+    )
+    weight = torch.randn(first[0].shape, dtype=torch.float64)
+    runs = []
+    for keep in (False, True):
+        model = _wan()
+        install_attention(model, cfg)
+        enable_checkpointing(model, keep_attention=keep)
+        calls.clear()
+        # Two forwards, then one backward through both: each recompute must take its own forward's output.
+        loss = (_run(model, first) * weight).sum() + (_run(model, second) * weight).sum()
+        loss.backward()
+        runs.append(({n: p.grad for n, p in model.named_parameters()}, list(calls)))
+    (plain, plain_calls), (kept, kept_calls) = runs
+    assert sorted(plain_calls) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]  # forwards, then the recomputes
+    assert kept_calls == [0, 1, 2, 0, 1, 2]  # the forwards only
+    for name, g in plain.items():
+        assert g is not None and g.abs().sum() > 0, name
+        torch.testing.assert_close(kept[name], g, rtol=1e-9, atol=1e-12)
+
+
 def test_stats_per_layer_and_recall():
     model, inputs = _wan(), _inputs(shape=(1, 4, 5, 16, 16))
     ctrl = install_attention(model, AttentionConfig(type="vmoba", **TINY_BLOCKS))
@@ -335,6 +370,7 @@ def test_bench_train_cpu_smoke_run_switches_attention_on_one_engine(launch_env):
     row's density is its fixed top-k density on a 4x8x8 grid: mean(2/4, 3/8, 4/8), then with a --variant."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
     args = ["--arch", "tiny", "--grid", "4x8x8", "--text-len", "16", "--warmup", "1", "--steps", "1"]
+    args += ["--keep-attention"]  # checkpointing that reuses attention outputs, under DeepSpeed
     args += ["--variant", "attention.topk_3d=2 attention.topk_1d=1"]
     run = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=launch_env
@@ -348,4 +384,4 @@ def test_bench_train_cpu_smoke_run_switches_attention_on_one_engine(launch_env):
     assert float(rows["vmoba (vmoba_topk)"][3]) == pytest.approx((2 / 4 + 3 / 8 + 4 / 8) / 3, abs=1e-3)
     assert float(rows[variant][3]) == pytest.approx((1 / 4 + 3 / 8 + 2 / 8) / 3, abs=1e-3)
     assert float(rows["full"][3]) == 1.0 and float(rows["full"][0]) > 0
-    assert "full/VMoBA step-time ratio" in run.stdout
+    assert "full/VMoBA step-time ratio" in run.stdout and "keep_attention=True" in run.stdout

@@ -99,22 +99,29 @@ def test_one_step_changes_weights_and_writes_the_run_dir(cache, tmp_path):
     assert summary["steps"] == 1 and json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
-def test_zero3_trains_and_exports_the_same_weights_as_zero2(cache, tmp_path):
+def test_zero3_and_checkpointing_train_and_export_the_same_weights_as_zero2(cache, tmp_path):
     """ZeRO-3 partitions the parameters; its diffusers export must gather them: two steps under ZeRO-3
-    and under ZeRO-2 (same seeds, fp32) export the same weights."""
+    and under ZeRO-2 (same seeds, fp32) export the same weights; so do two under ZeRO-2 with activation
+    checkpointing that keeps the attention outputs (`train.keep_attention`)."""
     from train import train
 
+    runs = {
+        "zero2": ["deepspeed=zero2"],
+        "zero3": ["deepspeed=zero3"],
+        "keep": ["deepspeed=zero2", "train.activation_checkpointing=true", "train.keep_attention=true"],
+    }
     exported = {}
-    for stage in ("zero2", "zero3"):
-        cfg = make_cfg(cache, f"deepspeed={stage}", "train.steps=2", "eval.every=0", "sample.every=0")
-        train(cfg, tmp_path / stage, name=stage)
-        latest = (tmp_path / stage / "checkpoints" / "latest").read_text().strip()
-        path = tmp_path / stage / "checkpoints" / latest / "transformer"
-        exported[stage] = build_transformer(TransformerConfig(arch=None, pretrained=str(path))).state_dict()
+    for name, overrides in runs.items():
+        cfg = make_cfg(cache, *overrides, "train.steps=2", "eval.every=0", "sample.every=0")
+        train(cfg, tmp_path / name, name=name)
+        latest = (tmp_path / name / "checkpoints" / "latest").read_text().strip()
+        path = tmp_path / name / "checkpoints" / latest / "transformer"
+        exported[name] = build_transformer(TransformerConfig(arch=None, pretrained=str(path))).state_dict()
     initial = build_transformer(make_cfg(cache).model.transformer).state_dict()
     assert any(not torch.equal(initial[k], exported["zero3"][k]) for k in initial)
     for k, v in exported["zero2"].items():
         torch.testing.assert_close(exported["zero3"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(exported["keep"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_loss_falls_on_memorisable_data(cache, tmp_path):

@@ -43,6 +43,9 @@ class TrainLoopConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     activation_checkpointing: bool = False
+    # With activation checkpointing: keep each block's self-attention output (and what its backward
+    # needs) instead of recomputing it; faster, more memory (docs/training.md).
+    keep_attention: bool = False
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 1
 
@@ -55,6 +58,12 @@ class TrainLoopConfig:
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)", self.grad_clip)
         _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        _require(
+            self.activation_checkpointing or not self.keep_attention,
+            "keep_attention",
+            "needs train.activation_checkpointing=true (without checkpointing nothing is recomputed)",
+            self.keep_attention,
+        )
 
 
 @dataclass
