@@ -108,3 +108,48 @@ def test_fused_wan_chains_match_float64_at_training_shapes(batch, length):
         assert got.shape == want.shape and got.dtype == base.dtype
         err, base_err = ((t.double() - want).abs().max().item() for t in (got, base))
         assert err <= 2 * base_err + 1e-3 * want.abs().max().item(), (err, base_err)
+
+
+@pytest.mark.parametrize("attention", ["token", "block", "full"])
+def test_keep_attention_gives_plain_checkpointings_gradients_on_gpu(attention, monkeypatch):
+    """`enable_checkpointing(keep_attention=True)` with the GPU kernels (token: `keyed`, on Hopper its CUDA
+    kernels; block: `backend=auto`; full: cuDNN SDPA): each kernel runs once per block, and the bf16
+    gradients match plain checkpointing's up to bf16 rounding of sums the kernels (cuDNN's and `keyed`'s
+    atomic adds, in every attention) take in a different order each run: compared as one vector, since
+    some parameters' gradients are that rounding alone (a key bias's is 0 in exact arithmetic)."""
+    from diffusers import WanTransformer3DModel
+
+    from models.attention import FullAttention, VMoBAAttention, enable_checkpointing, install_attention
+    from models.config import AttentionConfig
+
+    if attention == "full":
+        cfg, kernel = AttentionConfig(type="full"), FullAttention
+    else:  # vmoba_wan2.1's blocks on an 8x16x16 grid: 4, 8 and 16 blocks, about a quarter picked
+        blocks = dict(block_1d=2, block_2d=(4, 8), block_3d=(4, 4, 8), topk_1d=1, topk_2d=2, topk_3d=4)
+        cfg, kernel = AttentionConfig(type="vmoba", granularity=attention, **blocks), VMoBAAttention
+    calls = []
+    attend = kernel.attend
+    monkeypatch.setattr(kernel, "attend", lambda self, *a: calls.append(self.layer_idx) or attend(self, *a))
+    latents = torch.randn(1, 4, 8, 32, 32, device="cuda", dtype=torch.bfloat16)
+    t = torch.rand(1, device="cuda") * 1000
+    text = torch.randn(1, 7, 32, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(1, 4, 8, 32, 32, device="cuda")
+    grads = []
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=4, out_channels=4,
+            text_dim=32, freq_dim=32, ffn_dim=256, num_layers=3, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+        ).to("cuda", torch.bfloat16)  # fmt: skip
+        fuse_wan_blocks(model)
+        install_attention(model, cfg)
+        enable_checkpointing(model, keep_attention=keep)
+        calls.clear()
+        out = model(latents, t, text).sample
+        (out.float() * weight).sum().backward()
+        assert calls == ([0, 1, 2] if keep else [0, 1, 2, 2, 1, 0])
+        assert all(p.grad is not None for p in model.parameters())
+        grads.append(torch.cat([p.grad.float().flatten() for p in model.parameters()]))
+    plain, kept = grads
+    assert (kept - plain).norm() <= 0.01 * plain.norm()
