@@ -5,7 +5,7 @@ import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
 import vmoba
-from models.attention import AttentionController, VMoBAAttention, install_attention
+from models.attention import AttentionController, VMoBAAttention, enable_checkpointing, install_attention
 from models.cogvideox import CogVideoXSelfAttnProcessor
 from models.config import AttentionConfig, TransformerConfig
 from models.transformer import build_transformer
@@ -114,6 +114,32 @@ def test_grid_gradients_and_stats_with_checkpointing():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert all(model.transformer_blocks[i].attn1.to_q.weight.grad.abs().sum() > 0 for i in range(3))
     assert {f"{n}/layer_{i:02d}" for n in ("density", "recall") for i in range(3)} <= set(ctrl.stats())
+
+
+def test_keep_attention_reuses_outputs_with_the_same_gradients(monkeypatch):
+    """enable_checkpointing(keep_attention=True) on CogVideoX (joint text + video attention): the
+    recompute reuses the attention outputs (each kernel runs once), and the gradients are plain
+    checkpointing's."""
+    calls = []
+    attend = VMoBAAttention.attend
+    monkeypatch.setattr(
+        VMoBAAttention, "attend", lambda self, *a: calls.append(self.layer_idx) or attend(self, *a)
+    )
+    inputs = _inputs(shape=(1, 3, 4, 8, 12))
+    grads = []
+    for keep in (False, True):
+        model = _cog()
+        install_attention(model, AttentionConfig(type="vmoba", **TINY_BLOCKS))
+        enable_checkpointing(model, keep_attention=keep)
+        calls.clear()
+        out = _run(model, inputs)
+        out.square().mean().backward()
+        assert calls == ([0, 1, 2] if keep else [0, 1, 2, 2, 1, 0])
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    plain, kept = grads
+    for name, g in plain.items():
+        assert g is not None, name
+        torch.testing.assert_close(kept[name], g, rtol=1e-9, atol=1e-12)
 
 
 def test_attention_mask_is_refused():
