@@ -144,7 +144,7 @@ class LayerAttention:
 class FullAttention(LayerAttention):
     """Dense softmax attention of one layer."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int = 0) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int) -> torch.Tensor:
         one = torch.ones((), device=q.device)
         self.controller.record(self.layer_idx, "density", one)
         if self.controller.measure_recall:
@@ -165,7 +165,7 @@ class VMoBAAttention(LayerAttention):
         super().__init__(controller, layer_idx)
         self.vmoba_cfg = controller.cfg.to_vmoba()
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int = 0) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_text: int) -> torch.Tensor:
         ctrl, grid, cfg = self.controller, self.controller.grid, self.vmoba_cfg
         if grid is None:
             raise RuntimeError("VMoBA attention called outside a transformer forward: no token grid was set")

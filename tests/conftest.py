@@ -23,6 +23,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def attend_calls(monkeypatch):
+    """spy(kernel_class) -> list: the layer index of every call of that attention kernel's `attend` made with
+    grad enabled (training forwards and checkpoint recomputes; evaluation and sampling run without), which
+    still runs the real kernel."""
+
+    def spy(kernel_class) -> list[int]:
+        calls, attend = [], kernel_class.attend
+
+        def counted(self, *args):
+            if torch.is_grad_enabled():
+                calls.append(self.layer_idx)
+            return attend(self, *args)
+
+        monkeypatch.setattr(kernel_class, "attend", counted)
+        return calls
+
+    return spy
+
+
+@pytest.fixture
 def launch_env() -> dict[str, str]:
     """Environment for a fresh `train.py`/script subprocess: in-process DeepSpeed tests keep a one-process
     group alive for the whole session and leave its rendezvous variables set; a child must make its own."""

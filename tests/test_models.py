@@ -283,16 +283,14 @@ def test_gradients_with_checkpointing_match_and_reach_every_weight():
 
 
 @pytest.mark.parametrize("attention", ["vmoba", "full"])
-def test_keep_attention_runs_each_kernel_once_with_the_same_gradients(attention, monkeypatch):
+def test_keep_attention_runs_each_kernel_once_with_the_same_gradients(attention, attend_calls):
     """keep_attention: the checkpoint's recompute reuses the forward's attention outputs (the kernel runs
     once per block instead of twice), each forward's own, and the gradients are plain checkpointing's."""
     cfg = (
         AttentionConfig(type="vmoba", **TINY_BLOCKS) if attention == "vmoba" else AttentionConfig(type="full")
     )
     kernel = VMoBAAttention if attention == "vmoba" else FullAttention
-    calls = []
-    attend = kernel.attend
-    monkeypatch.setattr(kernel, "attend", lambda self, *a: calls.append(self.layer_idx) or attend(self, *a))
+    calls = attend_calls(kernel)
     seed = int(torch.randint(1000, ()))
     first, second = (
         _inputs(shape=(1, 4, 5, 16, 16), seed=seed),

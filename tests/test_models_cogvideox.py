@@ -116,15 +116,11 @@ def test_grid_gradients_and_stats_with_checkpointing():
     assert {f"{n}/layer_{i:02d}" for n in ("density", "recall") for i in range(3)} <= set(ctrl.stats())
 
 
-def test_keep_attention_reuses_outputs_with_the_same_gradients(monkeypatch):
+def test_keep_attention_reuses_outputs_with_the_same_gradients(attend_calls):
     """enable_checkpointing(keep_attention=True) on CogVideoX (joint text + video attention): the
     recompute reuses the attention outputs (each kernel runs once), and the gradients are plain
     checkpointing's."""
-    calls = []
-    attend = VMoBAAttention.attend
-    monkeypatch.setattr(
-        VMoBAAttention, "attend", lambda self, *a: calls.append(self.layer_idx) or attend(self, *a)
-    )
+    calls = attend_calls(VMoBAAttention)
     inputs = _inputs(shape=(1, 3, 4, 8, 12))
     grads = []
     for keep in (False, True):

@@ -4,10 +4,19 @@ import copy
 
 import pytest
 import torch
+from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 from models import wan_block
-from models.attention import _wan_rope, wan_rope
+from models.attention import (
+    FullAttention,
+    VMoBAAttention,
+    _wan_rope,
+    enable_checkpointing,
+    install_attention,
+    wan_rope,
+)
+from models.config import AttentionConfig
 from models.wan_block import fuse_wan_blocks
 
 pytestmark = pytest.mark.gpu
@@ -111,25 +120,18 @@ def test_fused_wan_chains_match_float64_at_training_shapes(batch, length):
 
 
 @pytest.mark.parametrize("attention", ["token", "block", "full"])
-def test_keep_attention_gives_plain_checkpointings_gradients_on_gpu(attention, monkeypatch):
+def test_keep_attention_gives_plain_checkpointings_gradients_on_gpu(attention, attend_calls):
     """`enable_checkpointing(keep_attention=True)` with the GPU kernels (token: `keyed`, on Hopper its CUDA
     kernels; block: `backend=auto`; full: cuDNN SDPA): each kernel runs once per block, and the bf16
     gradients match plain checkpointing's up to bf16 rounding of sums the kernels (cuDNN's and `keyed`'s
     atomic adds, in every attention) take in a different order each run: compared as one vector, since
     some parameters' gradients are that rounding alone (a key bias's is 0 in exact arithmetic)."""
-    from diffusers import WanTransformer3DModel
-
-    from models.attention import FullAttention, VMoBAAttention, enable_checkpointing, install_attention
-    from models.config import AttentionConfig
-
     if attention == "full":
         cfg, kernel = AttentionConfig(type="full"), FullAttention
     else:  # vmoba_wan2.1's blocks on an 8x16x16 grid: 4, 8 and 16 blocks, about a quarter picked
         blocks = dict(block_1d=2, block_2d=(4, 8), block_3d=(4, 4, 8), topk_1d=1, topk_2d=2, topk_3d=4)
         cfg, kernel = AttentionConfig(type="vmoba", granularity=attention, **blocks), VMoBAAttention
-    calls = []
-    attend = kernel.attend
-    monkeypatch.setattr(kernel, "attend", lambda self, *a: calls.append(self.layer_idx) or attend(self, *a))
+    calls = attend_calls(kernel)
     latents = torch.randn(1, 4, 8, 32, 32, device="cuda", dtype=torch.bfloat16)
     t = torch.rand(1, device="cuda") * 1000
     text = torch.randn(1, 7, 32, device="cuda", dtype=torch.bfloat16)

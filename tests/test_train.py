@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from data import build_dataloader
 from data.cache import cache_dataset
 from data.video_io import write_video
-from models.attention import install_attention
+from models.attention import VMoBAAttention, install_attention
 from models.config import TransformerConfig
 from models.transformer import build_transformer
 from training.config import load_config
@@ -99,11 +99,16 @@ def test_one_step_changes_weights_and_writes_the_run_dir(cache, tmp_path):
     assert summary["steps"] == 1 and json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
-def test_zero3_and_checkpointing_train_and_export_the_same_weights_as_zero2(cache, tmp_path):
+def test_zero3_and_checkpointing_train_and_export_the_same_weights_as_zero2(cache, tmp_path, attend_calls):
     """ZeRO-3 partitions the parameters; its diffusers export must gather them: two steps under ZeRO-3
     and under ZeRO-2 (same seeds, fp32) export the same weights; so do two under ZeRO-2 with activation
-    checkpointing that keeps the attention outputs (`train.keep_attention`)."""
+    checkpointing that keeps the attention outputs (`train.keep_attention`), whose recomputes run no
+    attention: one kernel call per layer and step, as without checkpointing."""
     from train import train
+
+    calls = attend_calls(VMoBAAttention)
+    model = build_transformer(make_cfg(cache).model.transformer)
+    initial, layers = model.state_dict(), len(model.blocks)
 
     runs = {
         "zero2": ["deepspeed=zero2"],
@@ -113,11 +118,12 @@ def test_zero3_and_checkpointing_train_and_export_the_same_weights_as_zero2(cach
     exported = {}
     for name, overrides in runs.items():
         cfg = make_cfg(cache, *overrides, "train.steps=2", "eval.every=0", "sample.every=0")
+        calls.clear()
         train(cfg, tmp_path / name, name=name)
+        assert len(calls) == 2 * layers, (name, calls)
         latest = (tmp_path / name / "checkpoints" / "latest").read_text().strip()
         path = tmp_path / name / "checkpoints" / latest / "transformer"
         exported[name] = build_transformer(TransformerConfig(arch=None, pretrained=str(path))).state_dict()
-    initial = build_transformer(make_cfg(cache).model.transformer).state_dict()
     assert any(not torch.equal(initial[k], exported["zero3"][k]) for k in initial)
     for k, v in exported["zero2"].items():
         torch.testing.assert_close(exported["zero3"][k], v, rtol=1e-5, atol=1e-6, msg=k)
