@@ -63,7 +63,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
     model = build_transformer(cfg.model.transformer)
     controller = install_attention(model, cfg.attention)
     if cfg.train.activation_checkpointing:
-        enable_checkpointing(model, keep_attention=cfg.train.keep_attention)
+        enable_checkpointing(model, cfg.train.keep_attention, cfg.train.keep_attention_blocks)
     model.train()
     engine = build_engine(model, cfg, world_size)
     ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None

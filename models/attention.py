@@ -29,7 +29,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
 
 import vmoba
-from models.cogvideox import CogVideoXSelfAttnProcessor, cogvideox_grid, cogvideox_self_attention
+from models.cogvideox import CogVideoXSelfAttnProcessor, cogvideox_grid
 from models.config import AttentionConfig
 from models.wan_block import fused_on_cuda
 
@@ -88,20 +88,31 @@ def _same(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def enable_checkpointing(model: ModelMixin, keep_attention: bool = False) -> None:
+def enable_checkpointing(
+    model: ModelMixin, keep_attention: bool = False, keep_blocks: int | None = None
+) -> None:
     """diffusers' activation checkpointing of every transformer block (non-reentrant `torch.utils.checkpoint`).
 
     With `keep_attention`, each block call gets a dict of its own, live while the checkpoint's graph is:
     in the block's forward every `LayerAttention` runs its kernel under saved-tensor hooks of its own (so
     the checkpoint neither drops nor counts what the kernel saves for its backward) and keeps the output
     there; the checkpoint's recompute, which runs the same block call again, takes the kept output instead
-    of running the kernel. Costs the kept tensors (at 55K tokens ~1 GB per Wan block with VMoBA).
+    of running the kernel. Costs the kept tensors (at 55K tokens 0.6-0.85 GB per Wan-1.3B block), so
+    `keep_blocks` limits it to the model's first that many blocks (None: every block); the others are
+    checkpointed plainly. `keep_blocks` needs a model `install_attention` supports.
     """
+    if keep_blocks is not None and keep_blocks < 0:
+        raise ValueError(
+            f"enable_checkpointing: keep_blocks must be >= 0 or None (every block), got {keep_blocks}"
+        )
     if not keep_attention:
         model.enable_gradient_checkpointing()
         return
+    keep = None if keep_blocks is None else set(_family(model).blocks(model)[:keep_blocks])
 
     def checkpoint(block, *args):
+        if keep is not None and block not in keep:
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         kept: dict[int, torch.Tensor] = {}
 
         def run(*inputs):
@@ -248,19 +259,29 @@ def _wan_grid(model: WanTransformer3DModel, hidden_states: torch.Tensor) -> Grid
 
 
 class _Family(NamedTuple):
-    """How a model family exposes its self-attention layers, its token grid and its processor."""
+    """How a model family exposes its transformer blocks (in layer order, each with its self-attention as
+    `attn1`), its token grid and its self-attention processor."""
 
-    self_attention: Callable[[ModelMixin], list]
+    blocks: Callable[[ModelMixin], torch.nn.ModuleList]
     grid: Callable[[ModelMixin, torch.Tensor], Grid]
     processor: type
 
 
 _FAMILIES: dict[type, _Family] = {
-    WanTransformer3DModel: _Family(lambda m: [b.attn1 for b in m.blocks], _wan_grid, WanSelfAttnProcessor),
+    WanTransformer3DModel: _Family(lambda m: m.blocks, _wan_grid, WanSelfAttnProcessor),
     CogVideoXTransformer3DModel: _Family(
-        cogvideox_self_attention, cogvideox_grid, CogVideoXSelfAttnProcessor
+        lambda m: m.transformer_blocks, cogvideox_grid, CogVideoXSelfAttnProcessor
     ),
 }
+
+
+def _family(model: ModelMixin) -> _Family:
+    family = _FAMILIES.get(type(model))
+    if family is None:
+        raise TypeError(
+            f"unsupported model {type(model).__name__}; supported: {[cls.__name__ for cls in _FAMILIES]}"
+        )
+    return family
 
 
 def install_attention(model: ModelMixin, cfg: AttentionConfig) -> AttentionController:
@@ -269,20 +290,15 @@ def install_attention(model: ModelMixin, cfg: AttentionConfig) -> AttentionContr
     Re-installing replaces the processors and the grid hook in place (the weights are untouched), so
     one model switches between full and VMoBA attention. Returns the controller the processors share.
     """
-    family = _FAMILIES.get(type(model))
-    if family is None:
-        raise TypeError(
-            f"install_attention: unsupported model {type(model).__name__}; "
-            f"supported: {[cls.__name__ for cls in _FAMILIES]}"
-        )
+    family = _family(model)
     previous = getattr(model, "_attention_controller", None)
     if previous is not None:
         previous.remove()
 
     controller = AttentionController(cfg)
     kernel_cls = VMoBAAttention if cfg.type == "vmoba" else FullAttention
-    for layer_idx, attn in enumerate(family.self_attention(model)):
-        attn.set_processor(family.processor(kernel_cls(controller, layer_idx)))
+    for layer_idx, block in enumerate(family.blocks(model)):
+        block.attn1.set_processor(family.processor(kernel_cls(controller, layer_idx)))
 
     def set_grid(module, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]

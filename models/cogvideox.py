@@ -10,7 +10,7 @@ Text tokens are handled as follows (see docs/models.md, "CogVideoX: text tokens"
 
 The video part runs through the VMoBA kernel on the video grid; the text keys are merged in exactly by
 a log-sum-exp combination (`models.attention`). This module holds the architectures, the processor,
-the grid rule and where the self-attention layers are.
+and the grid rule.
 """
 
 from functools import partial
@@ -65,11 +65,6 @@ def cogvideox_grid(model: CogVideoXTransformer3DModel, hidden_states: torch.Tens
     frames, height, width = hidden_states.shape[1], hidden_states.shape[3], hidden_states.shape[4]
     p, p_t = model.config.patch_size, model.config.patch_size_t or 1
     return frames // p_t, height // p, width // p
-
-
-def cogvideox_self_attention(model: CogVideoXTransformer3DModel) -> list[Attention]:
-    """The joint self-attention module of every block, in layer order."""
-    return [block.attn1 for block in model.transformer_blocks]
 
 
 class CogVideoXSelfAttnProcessor:

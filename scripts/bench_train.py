@@ -76,9 +76,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-checkpointing", action="store_true", help="disable activation checkpointing")
     p.add_argument(
         "--keep-attention",
-        action="store_true",
-        help="the checkpoint's recompute reuses each attention output instead of running attention again "
-        "(models.attention.enable_checkpointing(keep_attention=True))",
+        nargs="?",
+        type=int,
+        const=True,
+        default=False,
+        metavar="N",
+        help="the checkpoint's recompute reuses each attention output instead of running attention again, "
+        "in every block or in the first N (models.attention.enable_checkpointing(keep_attention=True, "
+        "keep_blocks=N))",
     )
     p.add_argument(
         "--diffusers-blocks",
@@ -90,8 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    # --keep-attention alone: every block (True); --keep-attention N: the first N blocks.
+    args.keep_blocks = None if isinstance(args.keep_attention, bool) else args.keep_attention
+    args.keep_attention = args.keep_attention is not False
     if args.keep_attention and args.no_checkpointing:
         p.error("--keep-attention needs activation checkpointing (drop --no-checkpointing)")
+    if args.keep_blocks is not None and args.keep_blocks < 0:
+        p.error(f"--keep-attention N needs N >= 0, got {args.keep_blocks}")
     try:
         args.grid = tuple(int(n) for n in args.grid.lower().split("x"))
         assert len(args.grid) == 3 and min(args.grid) > 0
@@ -161,7 +171,7 @@ def main(argv=None) -> list[dict]:
     if args.diffusers_blocks:
         fuse_wan_blocks(model, fused=False)
     if not args.no_checkpointing:
-        enable_checkpointing(model, keep_attention=args.keep_attention)
+        enable_checkpointing(model, args.keep_attention, args.keep_blocks)
     engine = make_engine(model, bf16)
     log(f"built {args.arch} and the ZeRO-2 engine on {device}", start)
 
@@ -205,10 +215,17 @@ def main(argv=None) -> list[dict]:
 
     full_s = rows[-1]["step_s"]
     device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    kept = (
+        "off"
+        if not args.keep_attention
+        else "every block"
+        if args.keep_blocks is None
+        else f"first {args.keep_blocks} blocks"
+    )
     print(
         f"\n{args.arch}, grid {T}x{H}x{W} = {tokens:,} video tokens + {args.text_len} text, "
         f"{'bf16' if bf16 else 'fp32'}, ZeRO-2, checkpointing={not args.no_checkpointing}, "
-        f"keep_attention={args.keep_attention}, "
+        f"keep_attention={kept}, "
         f"{'diffusers' if args.diffusers_blocks else 'fused'} Wan blocks, {device_name}, "
         f"median of {args.steps} steps after {args.warmup} warmup\n"
     )

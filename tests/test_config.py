@@ -66,6 +66,11 @@ def test_every_group_option_validates(group):
         ("model.vae.dtype=int8", "model.vae.dtype must be one of"),
         ("data.frames=10", "data.frames/height/width: frames must be 4k + 1"),
         ("train.keep_attention=true", "train.keep_attention: needs train.activation_checkpointing=true"),
+        ("train.keep_attention_blocks=4", "train.keep_attention_blocks: needs train.keep_attention=true"),
+        (
+            "train.activation_checkpointing=true train.keep_attention=true train.keep_attention_blocks=-1",
+            "train.keep_attention_blocks: must be >= 0 (null: every block), got -1",
+        ),
     ],
 )
 def test_bad_values_fail_naming_the_key(override, message):

@@ -285,7 +285,8 @@ def test_gradients_with_checkpointing_match_and_reach_every_weight():
 @pytest.mark.parametrize("attention", ["vmoba", "full"])
 def test_keep_attention_runs_each_kernel_once_with_the_same_gradients(attention, attend_calls):
     """keep_attention: the checkpoint's recompute reuses the forward's attention outputs (the kernel runs
-    once per block instead of twice), each forward's own, and the gradients are plain checkpointing's."""
+    once per block instead of twice), each forward's own, and the gradients are plain checkpointing's;
+    with keep_blocks=2 only the first two of the three blocks keep theirs."""
     cfg = (
         AttentionConfig(type="vmoba", **TINY_BLOCKS) if attention == "vmoba" else AttentionConfig(type="full")
     )
@@ -298,21 +299,23 @@ def test_keep_attention_runs_each_kernel_once_with_the_same_gradients(attention,
     )
     weight = torch.randn(first[0].shape, dtype=torch.float64)
     runs = []
-    for keep in (False, True):
+    for keep, keep_blocks in ((False, None), (True, None), (True, 2)):
         model = _wan()
         install_attention(model, cfg)
-        enable_checkpointing(model, keep_attention=keep)
+        enable_checkpointing(model, keep, keep_blocks)
         calls.clear()
         # Two forwards, then one backward through both: each recompute must take its own forward's output.
         loss = (_run(model, first) * weight).sum() + (_run(model, second) * weight).sum()
         loss.backward()
         runs.append(({n: p.grad for n, p in model.named_parameters()}, list(calls)))
-    (plain, plain_calls), (kept, kept_calls) = runs
+    (plain, plain_calls), (kept, kept_calls), (some, some_calls) = runs
     assert sorted(plain_calls) == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]  # forwards, then the recomputes
     assert kept_calls == [0, 1, 2, 0, 1, 2]  # the forwards only
+    assert sorted(some_calls) == [0, 0, 1, 1, 2, 2, 2, 2]  # the last block recomputes its attention
     for name, g in plain.items():
         assert g is not None and g.abs().sum() > 0, name
         torch.testing.assert_close(kept[name], g, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(some[name], g, rtol=1e-9, atol=1e-12)
 
 
 def test_stats_per_layer_and_recall():
@@ -368,7 +371,7 @@ def test_bench_train_cpu_smoke_run_switches_attention_on_one_engine(launch_env):
     row's density is its fixed top-k density on a 4x8x8 grid: mean(2/4, 3/8, 4/8), then with a --variant."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
     args = ["--arch", "tiny", "--grid", "4x8x8", "--text-len", "16", "--warmup", "1", "--steps", "1"]
-    args += ["--keep-attention"]  # checkpointing that reuses attention outputs, under DeepSpeed
+    args += ["--keep-attention", "2"]  # checkpointing that reuses 2 of 3 blocks' attention, under DeepSpeed
     args += ["--variant", "attention.topk_3d=2 attention.topk_1d=1"]
     run = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, env=launch_env
@@ -382,4 +385,4 @@ def test_bench_train_cpu_smoke_run_switches_attention_on_one_engine(launch_env):
     assert float(rows["vmoba (vmoba_topk)"][3]) == pytest.approx((2 / 4 + 3 / 8 + 4 / 8) / 3, abs=1e-3)
     assert float(rows[variant][3]) == pytest.approx((1 / 4 + 3 / 8 + 2 / 8) / 3, abs=1e-3)
     assert float(rows["full"][3]) == 1.0 and float(rows["full"][0]) > 0
-    assert "full/VMoBA step-time ratio" in run.stdout and "keep_attention=True" in run.stdout
+    assert "full/VMoBA step-time ratio" in run.stdout and "keep_attention=first 2 blocks" in run.stdout

@@ -44,8 +44,10 @@ class TrainLoopConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     activation_checkpointing: bool = False
     # With activation checkpointing: keep each block's self-attention output (and what its backward
-    # needs) instead of recomputing it; faster, more memory (docs/training.md).
+    # needs) instead of recomputing it; faster, more memory (docs/training.md). keep_attention_blocks: in
+    # the first N blocks only, a memory budget (null: every block).
     keep_attention: bool = False
+    keep_attention_blocks: int | None = None
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 1
 
@@ -64,6 +66,10 @@ class TrainLoopConfig:
             "needs train.activation_checkpointing=true (without checkpointing nothing is recomputed)",
             self.keep_attention,
         )
+        if self.keep_attention_blocks is not None:
+            blocks = self.keep_attention_blocks
+            _require(self.keep_attention, "keep_attention_blocks", "needs train.keep_attention=true", blocks)
+            _require(blocks >= 0, "keep_attention_blocks", "must be >= 0 (null: every block)", blocks)
 
 
 @dataclass
