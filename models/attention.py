@@ -80,7 +80,7 @@ class AttentionController:
 
 
 # The attention outputs kept by the block that `enable_checkpointing(keep_attention=True)` is running (its
-# forward or its recompute), by layer; None outside such a block.
+# forward or its recompute), by layer; None outside such a block or in one that keeps nothing.
 _kept: dict[int, torch.Tensor] | None = None
 
 
@@ -111,9 +111,8 @@ def enable_checkpointing(
     keep = None if keep_blocks is None else set(_family(model).blocks(model)[:keep_blocks])
 
     def checkpoint(block, *args):
-        if keep is not None and block not in keep:
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        kept: dict[int, torch.Tensor] = {}
+        # None for the blocks that keep nothing: their attention runs as under plain checkpointing.
+        kept = {} if keep is None or block in keep else None
 
         def run(*inputs):
             global _kept

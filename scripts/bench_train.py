@@ -215,17 +215,11 @@ def main(argv=None) -> list[dict]:
 
     full_s = rows[-1]["step_s"]
     device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    kept = (
-        "off"
-        if not args.keep_attention
-        else "every block"
-        if args.keep_blocks is None
-        else f"first {args.keep_blocks} blocks"
-    )
+    kept = "every block" if args.keep_blocks is None else f"first {args.keep_blocks} blocks"
     print(
         f"\n{args.arch}, grid {T}x{H}x{W} = {tokens:,} video tokens + {args.text_len} text, "
         f"{'bf16' if bf16 else 'fp32'}, ZeRO-2, checkpointing={not args.no_checkpointing}, "
-        f"keep_attention={kept}, "
+        f"keep_attention={kept if args.keep_attention else 'off'}, "
         f"{'diffusers' if args.diffusers_blocks else 'fused'} Wan blocks, {device_name}, "
         f"median of {args.steps} steps after {args.warmup} warmup\n"
     )
