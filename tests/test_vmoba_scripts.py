@@ -1,4 +1,5 @@
-"""scripts/flops.py and scripts/bench_attention.py: the parts that run without a GPU."""
+"""scripts/flops.py, scripts/bench_attention.py and the kernel lab (scripts/kernels/): the parts that run
+without a GPU."""
 
 import importlib.util
 from pathlib import Path
@@ -9,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    """scripts/<name>.py as a module (name may hold a folder: "kernels/bench_keyed_tiles")."""
+    spec = importlib.util.spec_from_file_location(Path(name).name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -43,7 +45,8 @@ def test_bench_attention_options_parse():
 def test_grids_parse_as_three_positive_ints_for_every_benchmark(monkeypatch):
     import argparse
 
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # as when the scripts run: they import each other
+    # Undone after the test, with what the kernel scripts add to sys.path themselves (scripts/, the repo).
+    monkeypatch.syspath_prepend(str(ROOT / "scripts" / "kernels"))
 
     bench = load("bench_attention")
     assert bench.parse_grid("24x36x64") == (24, 36, 64) and bench.parse_grid("21X30X52") == (21, 30, 52)
@@ -51,7 +54,7 @@ def test_grids_parse_as_three_positive_ints_for_every_benchmark(monkeypatch):
         with pytest.raises(argparse.ArgumentTypeError, match="TxHxW"):
             bench.parse_grid(bad)
     p = argparse.ArgumentParser()
-    load("bench_keyed_tiles").token_arguments(p)
+    load("kernels/bench_keyed_tiles").token_arguments(p)
     args = p.parse_args(["--grid", "8x16x16", "--density", "0.125"])
     assert (args.grid, args.density, args.heads) == ((8, 16, 16), 0.125, 12)
     assert p.parse_args([]).grid == (24, 36, 64)
@@ -62,9 +65,9 @@ def test_grids_parse_as_three_positive_ints_for_every_benchmark(monkeypatch):
 @pytest.mark.parametrize(
     "script, args, message",
     [
-        ("bench_keyed_tiles", ["--tiles", "64,128,4,1"], "needs a CUDA GPU"),
-        ("bench_scatter", ["--density", "0.5"], "needs an sm90+ CUDA GPU"),
-        ("bench_keyed_cuda", ["--grid", "8x16x16"], "needs an sm90 CUDA GPU"),
+        ("kernels/bench_keyed_tiles", ["--tiles", "64,128,4,1"], "needs a CUDA GPU"),
+        ("kernels/bench_scatter", ["--density", "0.5"], "needs an sm90+ CUDA GPU"),
+        ("kernels/bench_keyed_cuda", ["--grid", "8x16x16"], "needs an sm90 CUDA GPU"),
     ],
 )
 def test_gpu_benchmarks_say_they_need_a_gpu(script, args, message):

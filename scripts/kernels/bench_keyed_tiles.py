@@ -5,7 +5,7 @@ pass 1 (row max), pass 2 (exp @ v with atomics) and the backward alone for each 
 program, warps, pipeline stages) in `--tiles`, and forward+backward of the best combination against cuDNN,
 in one process. The defaults live in `vmoba.keyed.TILES` (docs/benchmarks.md, notes 16 and 17).
 
-    python scripts/bench_keyed_tiles.py --grid 24x36x64 --density 0.25
+    python scripts/kernels/bench_keyed_tiles.py --grid 24x36x64 --density 0.25
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository (vmoba) and scripts/ (bench_attention); this folder is on sys.path already.
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
-from bench_attention import parse_grid  # noqa: E402  (this script's folder is on sys.path)
+from bench_attention import parse_grid  # noqa: E402
 from bench_attention import timed as timed_ms  # noqa: E402
 
 from vmoba import VMoBAConfig, keyed  # noqa: E402

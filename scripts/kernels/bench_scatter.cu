@@ -1,5 +1,6 @@
-// Kernels of scripts/bench_scatter.py: each program (key block c, head h) adds one 512-byte fp32 row
-// (D = 128) per query row of its list to acc [L, H, D], as the `keyed` kernels add partial outputs and dq.
+// Kernels of scripts/kernels/bench_scatter.py: each program (key block c, head h) adds one 512-byte fp32
+// row (D = 128) per query row of its list to acc [L, H, D], as the `keyed` kernels add partial outputs and
+// dq.
 // `scatter`: four ways that differ only in how the bytes leave the SM. `overlapped`: the same reductions
 // beside synthetic tensor-core work in other warps of the program, as a warp-specialised kernel runs them.
 #include <cstdint>

@@ -19,7 +19,7 @@ data) while four others add the tile's rows (`red.v4`), with no dependence betwe
 reductions alone, and both, with two programs per SM as the real kernels have.
 Needs a CUDA GPU of sm90 (Hopper) and nvcc, which compiles `bench_scatter.cu` next to this file.
 
-    python scripts/bench_scatter.py --tokens 55296 --density 0.25
+    python scripts/kernels/bench_scatter.py --tokens 55296 --density 0.25
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository (vmoba) and scripts/ (bench_attention); this folder is on sys.path already.
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
-from bench_attention import timed  # noqa: E402  (this script's folder is on sys.path)
+from bench_attention import timed  # noqa: E402
 
 MODES = {"red.v4": 0, "bulk reduce": 2, "scatter store": 1, "contiguous store": 3}
 D = 128

@@ -8,7 +8,7 @@ for the bf16 dk, dv), or exits non-zero.
 
 Needs an sm90 GPU (H100/H200) and Triton.
 
-    python scripts/bench_keyed_cuda.py --grid 24x36x64 --density 0.25
+    python scripts/kernels/bench_keyed_cuda.py --grid 24x36x64 --density 0.25
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository (vmoba) and scripts/ (bench_attention); this folder is on sys.path already.
+sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 
-from bench_attention import make_inputs, timed  # noqa: E402  (this script's folder is on sys.path)
+from bench_attention import make_inputs, timed  # noqa: E402
 from bench_keyed_tiles import token_arguments, token_selection  # noqa: E402
 
 from vmoba import _keyed_cuda, keyed  # noqa: E402
