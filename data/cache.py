@@ -8,9 +8,11 @@ Layout of ``cache_dir``::
     manifest.json                   the merged manifest, written once every rank is complete
 
 Every file is written to a temporary name and renamed, and a shard is listed in its rank's manifest only
-after it is on disk, so Ctrl-C or a crash loses at most the shard in progress; re-running resumes.
-A manifest records its producer (`producer_description`) and the input-list hash; a cache whose
-producer or inputs differ from the current config is refused (`StaleCacheError`), never reused.
+after it is on disk, so Ctrl-C or a crash loses at most the shard in progress; re-running resumes
+(and re-encodes the clips of a shard that went missing). A manifest records its producer
+(`producer_description`), the input records (`data.sources.input_records`: what each clip was cached
+from, compared by content, not mtimes) and their hash; a cache whose producer or inputs differ from the
+current config is refused (`StaleCacheError`, listing the settings and files that changed), never reused.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from safetensors.torch import save_file
 
 from data.clips import read_clip
 from data.config import DataConfig
-from data.sources import ClipSource, Skip, discover, inputs_hash, report_skip
+from data.sources import ClipSource, Skip, diff_inputs, discover, input_records, inputs_hash, report_skip
 from models.encoders import (
     DTYPES,
     TextEncoderConfig,
@@ -39,11 +41,15 @@ from models.encoders import (
     encode_video,
 )
 
-FORMAT = 1
+FORMAT = 2  # 2: inputs compared by content (`input_records`), shard byte sizes recorded
 MANIFEST = "manifest.json"
 REBUILD = (
     "rebuild it with `python scripts/cache_latents.py <the same config overrides as train.py> +overwrite=true` "
     "(or point data.cache_dir at a new folder)"
+)
+RESUME = (
+    "re-run `python scripts/cache_latents.py <the same config overrides as train.py>` (with the WORLD_SIZE "
+    "it was cached with): it resumes, re-encoding only what is missing"
 )
 
 
@@ -111,17 +117,38 @@ def diff(recorded, expected, prefix: str = "") -> list[str]:
     return [] if recorded == expected else [f"{prefix[:-1]}: cache {recorded!r} != config {expected!r}"]
 
 
-def check_producer(manifest: dict, expected: dict, where: Path) -> None:
-    """Raise `StaleCacheError` listing every difference between the recorded and expected producer.
-    Only the sections present in ``expected`` are compared."""
-    recorded = {k: manifest["producer"].get(k) for k in expected}
-    differences = diff(recorded, expected)
-    if differences:
-        raise StaleCacheError(
-            f"cache {where} was produced by a different config:\n  "
-            + "\n  ".join(differences)
-            + f"\n{REBUILD}"
-        )
+def check_cache(manifest: dict, producer: dict, records: dict[str, dict] | None, what: str) -> None:
+    """Raise `StaleCacheError` listing every producer setting (``key: cache X != config Y``) and every
+    input (added / removed / modified file, `data.sources.diff_inputs`) that differs from the manifest.
+
+    Only the producer sections present in ``producer`` are compared; ``records`` (`input_records` of
+    the current inputs) is skipped when None. ``what`` names the cache in the message."""
+    settings = diff({k: manifest["producer"].get(k) for k in producer}, producer)
+    inputs = []
+    if records is not None and inputs_hash(records) != manifest["inputs_hash"]:
+        inputs = diff_inputs(manifest["inputs"], records) or [
+            f"input-list hash: cache {manifest['inputs_hash']} != now {inputs_hash(records)}"
+        ]
+    if not settings and not inputs:
+        return
+    lines = [f"{what} no longer matches the config or its inputs:"]
+    for title, changes in (
+        ("producer settings that changed", settings),
+        ("inputs that changed (by size and content; mtimes are ignored)", inputs),
+    ):
+        lines += [f"  {title}:", *(f"    {c}" for c in changes)] if changes else []
+    raise StaleCacheError("\n".join([*lines, REBUILD]))
+
+
+def shard_problem(cache_dir: Path, shard: dict) -> str | None:
+    """``"<path> (missing)"`` / ``"<path> (N bytes, manifest says M)"`` when a listed shard is not on disk
+    as it was written, else None: a stat, no read."""
+    path = cache_dir / shard["file"]
+    if not path.is_file():
+        return f"{path} (missing)"
+    if shard.get("bytes") is not None and path.stat().st_size != shard["bytes"]:
+        return f"{path} ({path.stat().st_size} bytes, manifest says {shard['bytes']})"
+    return None
 
 
 def _code_version() -> str:
@@ -175,6 +202,10 @@ class _ShardWriter:
         self.cache_dir, self.part_path, self.manifest = cache_dir, part_path, manifest
         self.rank, self.shard_size = rank, shard_size
         self.pending: list[tuple[dict, dict[str, torch.Tensor]]] = []
+        # Numbered after the highest shard kept, not their count: a shard dropped on resume (missing on
+        # disk) leaves a gap, and a count would reuse the name of a later shard that is still listed.
+        numbers = [int(shard["file"].split("-")[2].split(".")[0]) for shard in manifest["shards"]]
+        self.next_number = max(numbers, default=-1) + 1
 
     def add(self, item: dict, sample: dict[str, torch.Tensor]) -> None:
         self.pending.append(({**item, "index": len(self.pending)}, sample))
@@ -184,7 +215,8 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        name = f"shard-{self.rank:03d}-{len(self.manifest['shards']):05d}.safetensors"
+        name = f"shard-{self.rank:03d}-{self.next_number:05d}.safetensors"
+        self.next_number += 1
         tensors = {
             f"{i}.{k}": v.contiguous()
             for i, (_, sample) in enumerate(self.pending)
@@ -193,14 +225,20 @@ class _ShardWriter:
         tmp = self.cache_dir / f".{name}.tmp{os.getpid()}"
         save_file(tensors, str(tmp), metadata={"format": str(FORMAT)})
         os.replace(tmp, self.cache_dir / name)
-        self.manifest["shards"].append({"file": name, "items": [item for item, _ in self.pending]})
+        self.manifest["shards"].append(
+            {
+                "file": name,
+                "bytes": (self.cache_dir / name).stat().st_size,
+                "items": [item for item, _ in self.pending],
+            }
+        )
         _atomic_write_json(self.part_path, self.manifest)
         self.pending.clear()
 
 
-def _start_manifest(cache_dir: Path, part_path: Path, world_size: int, fresh: dict, overwrite: bool) -> dict:
-    """This rank's manifest: ``fresh``, or the previous run's progress when resuming a matching cache."""
-    rank = fresh["rank"]
+def _previous_manifest(cache_dir: Path, part_path: Path, rank: int, world_size: int, overwrite: bool):
+    """This rank's manifest from an earlier run (None when there is none, or with ``overwrite``, which
+    deletes this rank's shards and manifests); clears files a killed run left half-written."""
     if overwrite:
         for old in [*cache_dir.glob(f"shard-{rank:03d}-*.safetensors"), part_path, cache_dir / MANIFEST]:
             old.unlink(missing_ok=True)
@@ -217,12 +255,29 @@ def _start_manifest(cache_dir: Path, part_path: Path, world_size: int, fresh: di
             f"world size, or delete {cache_dir} and re-run"
         )
     if not part_path.exists():
-        return fresh
+        return None
     previous = json.loads(part_path.read_text())
-    check_producer(previous, fresh["producer"], cache_dir)
-    if previous["inputs_hash"] != fresh["inputs_hash"]:
-        raise StaleCacheError(f"the inputs changed since cache {cache_dir} was started; {REBUILD}")
-    return {**fresh, "shards": previous["shards"], "skipped": previous["skipped"]}
+    if previous.get("format") != FORMAT:
+        raise StaleCacheError(
+            f"cache {cache_dir} has format {previous.get('format')}, expected {FORMAT}; {REBUILD}"
+        )
+    return previous
+
+
+def _resume(previous: dict, fresh: dict, cache_dir: Path) -> dict:
+    """``fresh`` with the progress of ``previous`` (this rank's earlier run), which must have the same
+    producer and inputs. A listed shard that is missing or truncated on disk is dropped from the
+    progress, so its clips are encoded again."""
+    check_cache(previous, fresh["producer"], fresh["inputs"], f"the cache {cache_dir} started earlier")
+    shards = []
+    for shard in previous["shards"]:
+        problem = shard_problem(cache_dir, shard)
+        if problem:
+            log.warning("shard %s: encoding its %d clips again", problem, len(shard["items"]))
+            (cache_dir / shard["file"]).unlink(missing_ok=True)
+        else:
+            shards.append(shard)
+    return {**fresh, "shards": shards, "skipped": previous["skipped"]}
 
 
 def cache_dataset(
@@ -251,14 +306,25 @@ def cache_dataset(
     cache_dir.mkdir(parents=True, exist_ok=True)
     clips, input_skips = discover(data_cfg.source)
     input_skips = [asdict(report_skip(s, data_cfg.strict)) for s in input_skips]
+    if not clips:
+        reasons = "".join(f"\n  {s['path']}: {s['reason']}" for s in input_skips[:10])
+        raise ValueError(
+            f"data.source={data_cfg.source!r} has no usable clip (videos with a same-stem .txt caption, "
+            f"or metadata rows; docs/data.md): {len(input_skips)} inputs skipped{reasons}"
+        )
     unknown = sorted(set(data_cfg.val_keys) - {c.key for c in clips})
     if unknown:
         log.warning("data.val_keys not among the clips (ignored): %s", unknown)
     mine = clips[rank::world_size]
+    part_path = cache_dir / _part_name(rank, world_size)
+    previous = _previous_manifest(cache_dir, part_path, rank, world_size, overwrite)
+    # Digests of files unchanged since the previous run (same size and mtime) are reused, not re-read.
+    records = input_records(clips, known=previous.get("inputs") if previous else None)
     fresh = {
         "format": FORMAT,
         "producer": producer_description(vae_cfg, text_cfg, data_cfg),
-        "inputs_hash": inputs_hash(clips),
+        "inputs_hash": inputs_hash(records),
+        "inputs": records,  # every clip's, so any rank's manifest can say which inputs changed
         "code_version": _code_version(),
         "rank": rank,
         "world_size": world_size,
@@ -268,8 +334,7 @@ def cache_dataset(
         "skipped": [],  # this rank's decode failures; discovery failures are in "input_skips"
         "input_skips": input_skips,
     }
-    part_path = cache_dir / _part_name(rank, world_size)
-    manifest = _start_manifest(cache_dir, part_path, world_size, fresh, overwrite)
+    manifest = fresh if previous is None else _resume(previous, fresh, cache_dir)
     done = {item["key"] for shard in manifest["shards"] for item in shard["items"]}
     done |= {skip["key"] for skip in manifest["skipped"]}
     todo = [c for c in mine if c.key not in done]
@@ -318,7 +383,12 @@ def cache_dataset(
     writer.flush()
     manifest["complete"] = True
     _atomic_write_json(part_path, manifest)
-    merge_manifests(cache_dir, world_size)
+    merged = merge_manifests(cache_dir, world_size)
+    if merged is not None and merged["num_samples"] == 0:
+        raise ValueError(
+            f"none of the {len(clips)} clips in data.source={data_cfg.source!r} could be cached: every one was "
+            f"skipped (reasons under 'skipped' in {cache_dir / MANIFEST})"
+        )
     return manifest
 
 
@@ -332,11 +402,16 @@ def merge_manifests(cache_dir: Path, world_size: int) -> dict | None:
     manifests = [json.loads(p.read_text()) for p in parts]
     if not all(m["complete"] for m in manifests):
         return None
+    for m in manifests[1:]:  # ranks that started while the inputs were changing cached different inputs
+        check_cache(
+            manifests[0], {}, m["inputs"], f"rank 0's part of cache {cache_dir} (vs rank {m['rank']})"
+        )
     shards = [s for m in manifests for s in m["shards"]]
     merged = {
         "format": FORMAT,
         "producer": manifests[0]["producer"],
         "inputs_hash": manifests[0]["inputs_hash"],
+        "inputs": manifests[0]["inputs"],
         "code_version": manifests[0]["code_version"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "world_size": world_size,
@@ -351,11 +426,13 @@ def merge_manifests(cache_dir: Path, world_size: int) -> dict | None:
 
 def load_manifest(cache_dir: str | Path, data_cfg: DataConfig, producer: dict | None = None) -> dict:
     """The merged manifest of a complete cache that matches the config, else `StaleCacheError` saying what
-    differs and how to rebuild.
+    differs and how to rebuild or repair it.
 
     ``producer`` (from `producer_description`) checks the VAE, text encoder and data settings; without it
-    only the data settings are checked. When ``data_cfg.source`` exists, its input list must also hash
-    to the recorded value (no clip added, removed, re-captioned or rewritten since caching)."""
+    only the data settings are checked. When ``data_cfg.source`` exists, its inputs must also match the
+    recorded ones by content (no clip added, removed, re-captioned or changed since caching; a copy or
+    `touch` that only changes mtimes is fine). Every shard the manifest lists must be on disk with its
+    recorded size, so a lost shard fails here, on every rank, before training starts."""
     cache_dir = Path(cache_dir)
     path = cache_dir / MANIFEST
     if not path.exists():
@@ -372,12 +449,13 @@ def load_manifest(cache_dir: str | Path, data_cfg: DataConfig, producer: dict | 
         raise StaleCacheError(
             f"cache {cache_dir} has format {manifest.get('format')}, expected {FORMAT}; {REBUILD}"
         )
-    check_producer(manifest, producer or {"data": data_description(data_cfg)}, cache_dir)
-    if Path(data_cfg.source).exists():
-        current = inputs_hash(discover(data_cfg.source)[0])
-        if current != manifest["inputs_hash"]:
-            raise StaleCacheError(
-                f"the inputs under {data_cfg.source} changed since cache {cache_dir} was built "
-                f"(input-list hash {manifest['inputs_hash']} != {current}); {REBUILD}"
-            )
+    # Stat-only when nothing changed: digests are recomputed only for files with a new size or mtime.
+    source = Path(data_cfg.source)
+    records = input_records(discover(source)[0], known=manifest["inputs"]) if source.exists() else None
+    check_cache(manifest, producer or {"data": data_description(data_cfg)}, records, f"cache {cache_dir}")
+    broken = [problem for problem in (shard_problem(cache_dir, s) for s in manifest["shards"]) if problem]
+    if broken:
+        raise StaleCacheError(
+            f"cache {cache_dir} is missing shards listed in {path}:\n  " + "\n  ".join(broken) + f"\n{RESUME}"
+        )
     return manifest

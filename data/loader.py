@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from data.cache import load_manifest
 from data.config import DataConfig
 
 SPLITS = ("train", "val")
+
+log = logging.getLogger(__name__)
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
@@ -138,17 +141,29 @@ def build_dataloader(
     ``seed`` and the epoch (``loader.batch_sampler.set_epoch``), and ranks get disjoint batches of equal
     count. ``producer`` (`data.cache.producer_description` of the model's VAE/text encoder and ``cfg``)
     makes the cache check cover the encoders too. Raises `data.cache.StaleCacheError` for a missing,
-    incomplete, stale or mismatched cache, and ValueError when the train split is empty.
+    incomplete, stale or mismatched cache (or a lost shard), and ValueError when the train split is empty
+    or ``drop_last`` would leave no batch. Warns (once, on rank 0) when ``batch_size`` exceeds the split:
+    every batch is then smaller than asked.
     """
     dataset = CachedLatentDataset(cfg, split, producer)
     if split == "train" and len(dataset) == 0:
         raise ValueError(
             f"the latent cache {cfg.cache_dir} has no train samples (data.val_fraction / data.val_keys?)"
         )
+    if batch_size > len(dataset) > 0 and rank == 0:
+        log.warning(
+            "batch_size=%d is larger than the %d %s samples in %s: batches will hold at most %d samples",
+            batch_size, len(dataset), split, cfg.cache_dir, len(dataset),
+        )  # fmt: skip
     sampler = BucketBatchSampler(
         dataset.shapes(), batch_size, shuffle=split == "train", seed=seed, rank=rank, world_size=world_size,
         drop_last=drop_last,
     )  # fmt: skip
+    if split == "train" and len(sampler) == 0:
+        raise ValueError(
+            f"drop_last with batch_size={batch_size}: no bucket of {cfg.cache_dir} has that many train samples "
+            f"(largest: {max(map(len, sampler.buckets.values()))})"
+        )
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -67,14 +67,82 @@ def discover(source: str | Path) -> tuple[list[ClipSource], list[Skip]]:
     return sorted(clips, key=lambda c: c.key), skips + duplicate_skips
 
 
-def inputs_hash(clips: list[ClipSource]) -> str:
-    """A hash of the input list (keys, paths, captions, spans, file sizes and mtimes): changes when any
-    input is added, removed, re-captioned or rewritten."""
-    digest = hashlib.sha256()
+# Bytes read from each end of a file for its content digest (see `content_digest`).
+DIGEST_SPAN = 1 << 20
+
+
+def content_digest(path: str | Path, size: int) -> str:
+    """A digest of a file's size, first MiB and last MiB (the whole file when it is under 2 MiB).
+
+    Why not a full hash: the check runs over every input, and a full read of a large video dataset
+    costs as much as decoding it. Why not mtimes: copying, `touch`, or regenerating identical files
+    changes them without changing what gets cached. Size + both ends catch re-encodes, trims, appends
+    and truncation (the container header sits at one end, the mp4 index at one end, and a re-encode
+    changes both); an in-place edit of middle bytes that keeps the size is the one change it misses.
+    It is computed only for files whose (size, mtime) differs from the recorded one (`input_records`),
+    so checking an unchanged dataset reads no file content at all."""
+    digest = hashlib.blake2b(str(size).encode(), digest_size=8)
+    with open(path, "rb") as f:
+        digest.update(f.read(DIGEST_SPAN))
+        if size > DIGEST_SPAN:
+            f.seek(max(DIGEST_SPAN, size - DIGEST_SPAN))
+            digest.update(f.read())
+    return digest.hexdigest()
+
+
+def input_records(clips: list[ClipSource], known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """What each clip was cached from: ``key -> {path, caption, start, end, size, mtime_ns, digest}``.
+
+    ``known`` (the records of an earlier run) lends its digest to a file whose size and mtime are
+    unchanged, so only new or touched files are read (`content_digest`). The mtime is kept only for
+    that shortcut; it is no part of `inputs_hash`."""
+    known = known or {}
+    records = {}
     for clip in sorted(clips, key=lambda c: c.key):
         stat = Path(clip.path).stat()
-        digest.update(json.dumps([asdict(clip), stat.st_size, stat.st_mtime_ns]).encode())
-    return digest.hexdigest()[:16]
+        record = {**asdict(clip), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        del record["key"]
+        old = known.get(clip.key)
+        same_file = old and all(old.get(k) == record[k] for k in ("path", "size", "mtime_ns"))
+        record["digest"] = old["digest"] if same_file else content_digest(clip.path, stat.st_size)
+        records[clip.key] = record
+    return records
+
+
+# What `inputs_hash` covers, and `diff_inputs` compares: everything in a record but the mtime.
+COMPARED = ("path", "caption", "start", "end", "size", "digest")
+
+
+def inputs_hash(records: dict[str, dict]) -> str:
+    """A hash of the input list (`input_records`: keys, paths, captions, spans, sizes, content digests):
+    changes when an input is added, removed, re-captioned or its content changes, not when it is only
+    touched or copied with new mtimes."""
+    rows = [[key, *(records[key][k] for k in COMPARED)] for key in sorted(records)]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def diff_inputs(recorded: dict[str, dict], current: dict[str, dict], limit: int = 20) -> list[str]:
+    """Human-readable changes between two `input_records`: ``added: key (path)``, ``removed: ...``,
+    ``modified: key (path): content changed (size A -> B)`` / ``caption 'a' -> 'b'`` / ...; at most
+    ``limit`` lines per kind, then a count of the rest."""
+    added = [f"added: {k} ({current[k]['path']})" for k in sorted(set(current) - set(recorded))]
+    removed = [f"removed: {k} ({recorded[k]['path']})" for k in sorted(set(recorded) - set(current))]
+    modified = []
+    for key in sorted(set(recorded) & set(current)):
+        old, new = recorded[key], current[key]
+        changes = [
+            f"{k} {old.get(k)!r} -> {new[k]!r}"
+            for k in ("path", "caption", "start", "end")
+            if old.get(k) != new[k]
+        ]
+        if (old.get("size"), old.get("digest")) != (new["size"], new["digest"]):
+            changes.append(f"content changed (size {old.get('size')} -> {new['size']} bytes)")
+        if changes:
+            modified.append(f"modified: {key} ({new['path']}): " + "; ".join(changes))
+    lines = []
+    for kind in (added, removed, modified):
+        lines += kind[:limit] + ([f"... and {len(kind) - limit} more"] if len(kind) > limit else [])
+    return lines
 
 
 def _read_caption(path: Path) -> str:

@@ -4,6 +4,10 @@ Each photo (astronaut, coffee, chelsea, rocket, ...) is filmed by a virtual came
 rotates over it; each clip is written as a real H.264 mp4 with a same-stem .txt caption describing the
 photo and the motion, e.g. ``astronaut_pan_right.mp4`` / ``astronaut_pan_right.txt``. No network needed.
 
+Re-runnable: a clip already there with its caption, frame count, size and fps is kept as it is (not
+rewritten, so a latent cache made from it stays valid); both files are written to a temporary name and
+renamed, so a killed run never leaves a half-written clip behind that a later run would keep.
+
     python scripts/make_demo_dataset.py                      # -> outputs/demo/dataset (24 clips)
     python scripts/make_demo_dataset.py --out /tmp/demo --frames 33 --size 256 --motions-per-photo 7
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -88,23 +93,51 @@ def film(photo: torch.Tensor, camera, frames: int, size: int) -> torch.Tensor:
     return video.permute(1, 0, 2, 3).clamp(0, 1) * 2 - 1  # [3, F, size, size]
 
 
+def is_complete(path: Path, caption: str, frames: int, size: int, fps: float) -> bool:
+    """Whether ``path`` (and its .txt) is already this clip: the same caption, and a video decord opens with
+    ``frames`` frames of ``size`` (padded to even) at ``fps``. Files only appear by rename, so one that
+    exists was written completely; this catches clips made with other options."""
+    import decord
+
+    txt = path.with_suffix(".txt")
+    if not (path.is_file() and txt.is_file()) or txt.read_text() != caption:
+        return False
+    try:
+        reader = decord.VideoReader(str(path), num_threads=1)
+        shape = reader[0].shape
+    except Exception:  # decord raises RuntimeError/DECORDError for a file it cannot open
+        return False
+    even = size + size % 2
+    return len(reader) == frames and shape == (even, even, 3) and abs(reader.get_avg_fps() - fps) < 1e-2 * fps
+
+
 def make_demo_dataset(
     out: Path, frames: int, size: int, fps: float, num_photos: int, motions_per_photo: int
-) -> list[Path]:
+) -> tuple[list[Path], int]:
     """Write ``num_photos * motions_per_photo`` clips (photo i gets motions i, i+1, ... cyclically, so all
-    motions appear); returns the video paths."""
+    motions appear), keeping those already complete (`is_complete`); returns the video paths and how
+    many were (re)written."""
+    for leftover in out.glob(".*.tmp*"):  # half-written files of a killed run
+        leftover.unlink()
     names, motions = list(PHOTOS)[:num_photos], list(MOTIONS)
-    paths = []
+    paths, written = [], 0
     for i, name in enumerate(names):
-        photo = load_photo(name)
+        photo = None
         for j in range(motions_per_photo):
             motion = motions[(i + j) % len(motions)]
             phrase, camera = MOTIONS[motion]
             path = out / f"{name}_{motion}.mp4"
-            write_video(path, film(photo, camera, frames, size), fps)
-            path.with_suffix(".txt").write_text(f"{phrase} a photo of {PHOTOS[name]}\n")
+            caption = f"{phrase} a photo of {PHOTOS[name]}\n"
             paths.append(path)
-    return paths
+            if is_complete(path, caption, frames, size, fps):
+                continue
+            photo = load_photo(name) if photo is None else photo
+            write_video(path, film(photo, camera, frames, size), fps)
+            tmp = out / f".{path.stem}.tmp{os.getpid()}.txt"
+            tmp.write_text(caption)
+            os.replace(tmp, path.with_suffix(".txt"))
+            written += 1
+    return paths, written
 
 
 def main(argv=None):
@@ -126,9 +159,12 @@ def main(argv=None):
         parser.error(f"--photos must be in [1, {len(PHOTOS)}]")
     if not 1 <= args.motions_per_photo <= len(MOTIONS):
         parser.error(f"--motions-per-photo must be in [1, {len(MOTIONS)}]")
-    paths = make_demo_dataset(args.out, args.frames, args.size, args.fps, args.photos, args.motions_per_photo)
+    paths, written = make_demo_dataset(
+        args.out, args.frames, args.size, args.fps, args.photos, args.motions_per_photo
+    )
     print(
-        f"wrote {len(paths)} clips ({args.frames} frames, {args.size}x{args.size}, {args.fps:g} fps) to {args.out}"
+        f"{args.out}: {len(paths)} clips ({args.frames} frames, {args.size}x{args.size}, {args.fps:g} fps), "
+        f"{written} written, {len(paths) - written} already there"
     )
 
 

@@ -261,7 +261,8 @@ def test_demo_dataset_clips_move_as_captioned(tmp_path):
 
     from scripts.make_demo_dataset import make_demo_dataset
 
-    paths = make_demo_dataset(tmp_path, frames=9, size=64, fps=8, num_photos=1, motions_per_photo=3)
+    paths, written = make_demo_dataset(tmp_path, frames=9, size=64, fps=8, num_photos=1, motions_per_photo=3)
+    assert written == 3
     assert [p.name for p in paths] == [
         "astronaut_pan_right.mp4",
         "astronaut_pan_left.mp4",
@@ -280,3 +281,27 @@ def test_demo_dataset_clips_move_as_captioned(tmp_path):
         "astronaut_pan_left": [0.0, -19.0],
         "astronaut_pan_down": [19.0, 0.0],
     }
+
+
+def test_demo_dataset_rerun_keeps_complete_clips(tmp_path):
+    """A second run rewrites nothing (same bytes and mtimes), clears a killed run's half-written files,
+    and rewrites exactly the clips that are not what the options ask for."""
+    from scripts.make_demo_dataset import make_demo_dataset
+
+    options = dict(frames=9, size=32, fps=8, num_photos=1, motions_per_photo=3)
+    paths, _ = make_demo_dataset(tmp_path, **options)
+    files = sorted(tmp_path.iterdir())
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files}
+    (tmp_path / ".astronaut_pan_left.tmp999.mp4").write_bytes(b"half a video")  # a run killed mid-write
+    assert make_demo_dataset(tmp_path, **options) == (paths, 0)
+    assert sorted(tmp_path.iterdir()) == files
+    assert {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in files} == before
+
+    paths[1].write_bytes(before[paths[1]][0][:500])  # truncated (e.g. copied partially)
+    paths[2].with_suffix(".txt").write_text("another caption")
+    assert make_demo_dataset(tmp_path, **options) == (paths, 2)
+    assert read_video(paths[1]).shape == (9, 32, 32, 3)  # whole again (mp4 bytes may differ by machine)
+    assert paths[2].with_suffix(".txt").read_bytes() == before[paths[2].with_suffix(".txt")][0]
+    assert paths[0].stat().st_mtime_ns == before[paths[0]][1]
+    _, written = make_demo_dataset(tmp_path, **{**options, "frames": 13})  # other options: all rewritten
+    assert written == 3 and read_video(paths[0]).shape == (13, 32, 32, 3)

@@ -3,6 +3,7 @@ bad inputs at decode time, resume after an interrupted run, rank sharding, stale
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 import data.cache
+import data.sources
 from data import DataConfig, build_dataloader
 from data.cache import StaleCacheError, cache_dataset, load_manifest, producer_description
 from data.sources import BadInputError
@@ -191,7 +193,8 @@ def test_stale_or_mismatched_cache_is_refused(cached, pipeline, dataset, tmp_pat
     cache_dataset(*pipeline, small, progress=False)
     assert len(load_manifest(small.cache_dir, small)["shards"]) == 1
     (moved / "cat.txt").write_text("a black cat")
-    with pytest.raises(StaleCacheError, match="inputs under .* changed"):
+    with pytest.raises(StaleCacheError, match=r"inputs that changed.*\n    modified: cat \(.*/cat\.mp4\): "
+                       r"caption 'a cat' -> 'a black cat'\n"):  # fmt: skip
         build_dataloader(small, "train", batch_size=1)
 
 
@@ -265,3 +268,118 @@ def test_rank_sharding_and_hydra_entry_point(cached, pipeline, dataset, tmp_path
         "sea",
         "sub/sky",
     ]
+
+
+def test_rerun_of_dataset_and_cache_is_clean_and_content_changes_are_named(pipeline, tmp_path, monkeypatch):
+    """What a second `make demo` does (dataset step, then the cache step and the loader's check) passes
+    without rewriting anything; a touch is no change; new content, a removed/added clip and a producer
+    setting are each named in the `StaleCacheError`."""
+    from scripts.make_demo_dataset import make_demo_dataset
+
+    source = tmp_path / "dataset"
+    options = dict(frames=9, size=32, fps=8, num_photos=2, motions_per_photo=1)
+    paths, _ = make_demo_dataset(source, **options)  # astronaut_pan_right, coffee_pan_left
+    cfg = make_cfg(source, tmp_path / "cache", buckets=[[9, 32, 32]], val_keys=[])
+    cache_dataset(*pipeline, cfg, progress=False)
+    shards = {p: p.stat().st_mtime_ns for p in Path(cfg.cache_dir).glob("shard-*")}
+    clips = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths}
+
+    digests = []  # content reads: only for files whose size or mtime changed since caching
+    real_digest = data.sources.content_digest
+    monkeypatch.setattr(data.sources, "content_digest", lambda *a: digests.append(a[0]) or real_digest(*a))
+    assert make_demo_dataset(source, **options) == (paths, 0)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in paths} == clips
+    cache_dataset(*pipeline, cfg, progress=False)  # resumes a complete cache: nothing to do, no error
+    assert len(build_dataloader(cfg, "train", batch_size=1)) == 2 and digests == []
+    assert {p: p.stat().st_mtime_ns for p in Path(cfg.cache_dir).glob("shard-*")} == shards
+
+    os.utime(paths[0], ns=(1, 1))  # touched (or copied without mtimes): the same content
+    load_manifest(cfg.cache_dir, cfg)
+    cache_dataset(*pipeline, cfg, progress=False)
+    assert digests == [str(paths[0])] * 2  # re-read once by each check, then found unchanged
+
+    key = paths[1].stem
+    write_video(paths[1], np.full((9, 32, 32, 3), 200, np.uint8), fps=8)  # new content, same name
+    for check in (
+        lambda: load_manifest(cfg.cache_dir, cfg),
+        lambda: cache_dataset(*pipeline, cfg, progress=False),
+    ):
+        with pytest.raises(StaleCacheError, match=rf"\n    modified: {key} \(.*{key}\.mp4\): content changed "
+                           r"\(size \d+ -> \d+ bytes\)\n") as err:  # fmt: skip
+            check()
+        assert "astronaut" not in str(err.value) and "producer settings" not in str(err.value)
+
+    paths[1].unlink()
+    (source / "extra.mp4").write_bytes(clips[paths[0]][0])
+    (source / "extra.txt").write_text("an extra clip")
+    with pytest.raises(StaleCacheError) as err:
+        build_dataloader(replace(cfg, seed=1), "train", batch_size=1)
+    message = str(err.value)
+    assert "producer settings that changed:\n    data.seed: cache 0 != config 1\n" in message
+    assert f"\n    added: extra ({source / 'extra.mp4'})\n" in message
+    assert f"\n    removed: {key} ({paths[1]})\n" in message and "+overwrite=true" in message
+
+
+def test_missing_or_truncated_shard_fails_validation_and_rerun_repairs_it(
+    cached, pipeline, tmp_path, monkeypatch
+):
+    cfg = replace(cached[0], cache_dir=str(tmp_path / "cache"))
+    shutil.copytree(cached[0].cache_dir, cfg.cache_dir)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    lost, cut = (tmp_path / "cache" / s["file"] for s in manifest["shards"][:2])  # of 3 shards
+    lost.unlink()
+    cut.write_bytes(cut.read_bytes()[:-100])
+    # Every rank validates every shard when its loader is built, so all fail together before step 0.
+    with pytest.raises(StaleCacheError, match="missing shards") as err:
+        build_dataloader(cfg, "val", batch_size=1, rank=1, world_size=2)
+    assert f"\n  {lost} (missing)\n" in str(err.value)
+    assert f"\n  {cut} ({cut.stat().st_size} bytes, manifest says {cut.stat().st_size + 100})\n" in str(
+        err.value
+    )
+    assert "re-run `python scripts/cache_latents.py" in str(err.value)
+
+    calls = []
+    real_encode = data.cache.encode_video
+    monkeypatch.setattr(data.cache, "encode_video", lambda vae, px: calls.append(1) or real_encode(vae, px))
+    cache_dataset(*pipeline, cfg, progress=False)  # the fix the message gives: re-encodes those clips only
+    assert len(calls) == sum(len(s["items"]) for s in manifest["shards"][:2])
+    repaired, reference = read_samples(cfg.cache_dir), read_samples(cached[0].cache_dir)
+    assert set(repaired) == set(reference)
+    for key in reference:
+        torch.testing.assert_close(repaired[key]["latents"], reference[key]["latents"], atol=0, rtol=0)
+    # New shards are numbered after the kept one, never over it.
+    names = [s["file"] for s in load_manifest(cfg.cache_dir, cfg)["shards"]]
+    assert names == [f"shard-000-0000{i}.safetensors" for i in (2, 3, 4)] and not cut.exists()
+
+
+def test_empty_or_unusable_source_fails_naming_the_folder(pipeline, dataset, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=rf"data.source='{empty}' has no usable clip.*: 0 inputs skipped"):
+        cache_dataset(*pipeline, make_cfg(empty, tmp_path / "c1"), progress=False)
+    (empty / "nocaption.mp4").write_bytes((dataset / "cat.mp4").read_bytes())
+    with pytest.raises(
+        ValueError, match=r"1 inputs skipped\n  .*nocaption\.mp4: missing caption nocaption.txt"
+    ):
+        cache_dataset(*pipeline, make_cfg(empty, tmp_path / "c2"), progress=False)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "zero.mp4").write_bytes(b"")
+    (broken / "zero.txt").write_text("nothing")
+    with pytest.raises(ValueError, match=rf"none of the 1 clips in data.source='{broken}' could be cached"):
+        cache_dataset(*pipeline, make_cfg(broken, tmp_path / "c3"), progress=False)
+
+
+def test_batch_size_larger_than_the_split_warns_once(cached, caplog):
+    cfg, _ = cached
+    with caplog.at_level("WARNING", logger="data.loader"):
+        loader = build_dataloader(cfg, "train", batch_size=10)
+        assert [len(b["key"]) for epoch in range(2) for b in loader] == [2, 2, 2, 2]  # two buckets of 2
+        build_dataloader(cfg, "train", batch_size=4)
+        build_dataloader(cfg, "train", batch_size=10, rank=1, world_size=2)  # rank 0 says it
+    warnings = [r.getMessage() for r in caplog.records if r.name == "data.loader"]
+    assert warnings == [
+        f"batch_size=10 is larger than the 4 train samples in {cfg.cache_dir}: batches will hold at most 4 samples"
+    ]
+    with pytest.raises(ValueError, match=r"drop_last with batch_size=3: .* \(largest: 2\)"):
+        build_dataloader(cfg, "train", batch_size=3, drop_last=True)
