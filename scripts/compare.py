@@ -83,8 +83,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
-    from training.metrics import FeatureMetricsConfig, load_feature_networks
-    from training.report import write_report
+    from evaluation.metrics import FeatureMetricsConfig, load_feature_networks
+    from evaluation.report import write_report
 
     vmoba, baseline = launch(args) if args.launch else (args.vmoba, args.baseline)
     features = FeatureMetricsConfig(

@@ -82,23 +82,17 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
     from data import build_dataloader
     from data.cache import producer_description
-    from models.attention import install_attention
-    from models.transformer import build_transformer
-    from training.engine import use_bf16
-    from training.metrics import attention_recall_per_layer, validation_loss
-    from training.model_fn import make_model_fn
+    from training.evaluation import evaluate
     from training.objective import FlowMatching
+    from training.stack import build_stack
 
     cfg, transformer_dir = load_eval_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32
-    weights = dataclasses.replace(
-        cfg.model.transformer, arch=None, pretrained=str(transformer_dir), subfolder=None
-    )
-    model = build_transformer(weights).to(device, dtype).eval()
-    controller = install_attention(model, cfg.attention)
-    model_fn = make_model_fn(model, cfg.model.family, cfg.objective.num_train_timesteps, dtype)
-    objective = FlowMatching(cfg.objective)
+    # Every parameter in the compute dtype, as the trainer's DeepSpeed engine had them.
+    stack = build_stack(
+        cfg.model, cfg.attention, cfg.objective, device, precision=cfg.train.precision, weights=transformer_dir,
+        encoders=False,
+    )  # fmt: skip
 
     producer = producer_description(cfg.model.vae, cfg.model.text_encoder, cfg.data)
     loader = build_dataloader(cfg.data, args.split, batch_size=cfg.eval.batch_size, producer=producer)
@@ -116,23 +110,15 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         "clips": sum(b["latents"].shape[0] for b in batches),
         "timesteps": list(cfg.eval.timesteps),
         "seed": cfg.eval.seed,
-        "val_loss": validation_loss(model_fn, objective, batches, cfg.eval.timesteps, cfg.eval.seed),
     }
     state = transformer_dir.parent / "trainer_state.json"
     if state.is_file():
         result["step"] = json.loads(state.read_text()).get("step")
-    if not args.no_recall:
-        # One forward at mid-noise (t = 0.5) on the first batch, as the trainer's evaluation does.
-        first = batches[0]
-        t = torch.full((first["latents"].shape[0],), 0.5, device=device)
-        noise = torch.randn(
-            first["latents"].shape, generator=torch.Generator().manual_seed(cfg.eval.seed)
-        ).to(device)
-        x_t = objective.interpolate(first["latents"].float(), noise, t)
-        result |= attention_recall_per_layer(
-            controller, lambda: model_fn(x_t, t, first), cfg.attention.partitions
-        )
-    return result
+    # The trainer's own evaluation (training.evaluation), so the numbers equal the run's eval.jsonl.
+    eval_cfg = dataclasses.replace(cfg.eval, recall=not args.no_recall)
+    return result | evaluate(
+        stack.model_fn(), FlowMatching(cfg.objective), stack.controller, batches, eval_cfg
+    )
 
 
 def main(argv=None) -> None:

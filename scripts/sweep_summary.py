@@ -1,5 +1,6 @@
 """Write (or rewrite) the summary table of a sweep: `<sweep_dir>/summary.csv` and `summary.md` from each
-run's `summary.json`. `python train.py -m ...` does this automatically at the end of the sweep.
+job's `summary.json` (finished) or `error.json` (failed), one column per swept parameter.
+`python train.py -m ...` does this automatically as each job ends.
 
     python scripts/sweep_summary.py outputs/sweeps/2026-01-01_12-00-00
 """
@@ -21,10 +22,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.sweep_dir.is_dir():
         parser.error(f"sweep_dir: {args.sweep_dir} is not a directory")
-    rows = write_sweep_table(args.sweep_dir)
-    print(
-        (args.sweep_dir / "summary.md").read_text() if rows else f"no */summary.json under {args.sweep_dir}"
-    )
+    write_sweep_table(args.sweep_dir)
+    print((args.sweep_dir / "summary.md").read_text())
 
 
 if __name__ == "__main__":

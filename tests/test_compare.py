@@ -1,4 +1,4 @@
-"""training.report / scripts/compare.py on two run dirs written in train.py's run-directory format."""
+"""evaluation.report / scripts/compare.py on two run dirs written in train.py's run-directory format."""
 
 import importlib.util
 import json
@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from data.video_io import read_video, write_video
-from training import metrics, report
+from evaluation import metrics, report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 
 from data.cache import cache_dataset
 from data.video_io import write_video
+from evaluation.report import write_report
 from training.config import load_config
-from training.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -44,7 +44,8 @@ def overrides(tmp_path_factory) -> list[str]:
         (root / "clips" / f"clip{i}.txt").write_text(caption)
     # 9 frames at 64x64 -> latents 3x8x8 -> 3x4x4 = 48 tokens: several blocks in every partition.
     data = dict(source=root / "clips", cache_dir=root / "cache", frames=9, height=64, width=64, num_workers=0)
-    shared = [f"data.{k}={v}" for k, v in data.items()] + ["data.val_keys=[clip2]"]
+    # `++`: the keys may be left to the schema's defaults rather than set in configs/data/*.yaml.
+    shared = [f"++data.{k}={v}" for k, v in data.items()] + ["++data.val_keys=[clip2]"]
     shared += [
         f"train.steps={STEPS}", "train.warmup_steps=0", "eval.every=1", "eval.num_batches=1", "eval.timesteps=[0.5]",
         "sample.every=0", "sample.steps=2", "sample.prompts=[a red ball]", f"checkpoint.every={STEPS}",

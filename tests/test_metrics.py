@@ -1,4 +1,4 @@
-"""training.metrics: each metric against a case computable by hand or an independent implementation."""
+"""evaluation.metrics: each sample-fidelity metric against a case computable by hand or an independent implementation."""
 
 import json
 import logging
@@ -9,8 +9,8 @@ import scipy.linalg
 import torch
 from skimage.metrics import structural_similarity
 
-from training import metrics
-from training.metrics import FeatureMetricsConfig
+from evaluation import metrics
+from evaluation.metrics import FeatureMetricsConfig
 
 
 def _video(gen, shape=(2, 3, 4, 24, 20), lo=-1.0, hi=1.0):
@@ -98,27 +98,6 @@ def test_gaussian_stats_match_numpy():
     mu, sigma = metrics.gaussian_stats(feats)
     np.testing.assert_allclose(mu.numpy(), feats.double().numpy().mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma.numpy(), np.cov(feats.double().numpy(), rowvar=False), rtol=1e-12)
-
-
-# ----------------------------------------------------------------------------- recall / density summary
-
-
-def test_summarize_layer_stats_per_layer_type_and_mean():
-    stats = {
-        "recall/layer_00": torch.tensor([1.0, 0.5]),  # mean over heads 0.75
-        "recall/layer_01": torch.tensor([0.6]),
-        "recall/layer_03": 0.25,
-        "density/layer_00": torch.tensor([0.5, 0.5]),
-        "other/thing": torch.tensor(3.0),
-    }
-    got = metrics.summarize_layer_stats(stats)
-    assert got["recall/layer_00"] == pytest.approx(0.75)
-    assert got["recall/1d"] == pytest.approx((0.75 + 0.25) / 2)  # layers 0 and 3 are 1D
-    assert got["recall/2d"] == pytest.approx(0.6)
-    assert "recall/3d" not in got
-    assert got["recall/mean"] == pytest.approx((0.75 + 0.6 + 0.25) / 3)
-    assert got["density/mean"] == pytest.approx(0.5)
-    assert not any(k.startswith("other") for k in got)
 
 
 # ----------------------------------------------------------------------------- feature networks
@@ -253,7 +232,7 @@ def test_clip_score_of_a_local_tiny_clip_matches_the_models_own_similarity(tmp_p
 
 def test_missing_weights_skip_feature_metrics_with_a_note(tmp_path, caplog):
     cfg = FeatureMetricsConfig(i3d=str(tmp_path / "nope.pt"), clip=str(tmp_path / "no_clip"))
-    with caplog.at_level(logging.INFO, logger="training.metrics"):
+    with caplog.at_level(logging.INFO, logger="evaluation.metrics"):
         nets = metrics.load_feature_networks(cfg)
     assert nets.lpips is None and nets.i3d is None and nets.clip is None
     text = caplog.text
@@ -263,39 +242,3 @@ def test_missing_weights_skip_feature_metrics_with_a_note(tmp_path, caplog):
     assert set(metrics.fidelity(a, a.flip(0), ["x", "y"], nets)) == {"psnr", "ssim"}
     with pytest.raises(ValueError, match="lpips_net: got 'resnet'"):
         FeatureMetricsConfig(lpips_net="resnet")
-
-
-# ----------------------------------------------------------------------------- validation loss
-
-
-def test_validation_loss_is_exact_on_a_known_model_and_deterministic():
-    from training.config import ObjectiveConfig
-    from training.objective import FlowMatching
-
-    objective = FlowMatching(ObjectiveConfig())
-    gen = torch.Generator().manual_seed(8)
-    batches = []
-    for size, offset in ((1, 1.0), (3, 2.0)):
-        latents = torch.randn(size, 4, 3, 4, 4, generator=gen)
-        batches.append({"latents": latents, "x0": latents.clone(), "offset": torch.full((size,), offset)})
-    seen_t = []
-
-    def oracle(x_t, t, cond):
-        # x_t = (1 - t) x0 + t noise, so (x_t - x0) / t is the target velocity noise - x0, exactly.
-        seen_t.append(t)
-        return (x_t - cond["x0"]) / t.view(-1, 1, 1, 1, 1) + cond["offset"].view(-1, 1, 1, 1, 1)
-
-    got = metrics.validation_loss(oracle, objective, batches, timesteps=(0.3, 0.8))
-    assert got == pytest.approx((1 * 1.0 + 3 * 4.0) / 4, rel=1e-5)  # clip-weighted mean of offset^2
-    assert sorted({float(t[0]) for t in seen_t}) == pytest.approx([0.3, 0.8])
-
-    def linear(x_t, t, cond):
-        return 0.5 * x_t
-
-    first = metrics.validation_loss(linear, objective, batches, seed=3)
-    assert metrics.validation_loss(linear, objective, batches, seed=3) == first  # same noise, same value
-    assert metrics.validation_loss(linear, objective, batches, seed=4) != pytest.approx(first, rel=1e-6)
-    with pytest.raises(ValueError, match="yielded nothing"):
-        metrics.validation_loss(linear, objective, [])
-    with pytest.raises(KeyError, match="batch 0 has no 'latents'"):
-        metrics.validation_loss(linear, objective, [{"x": torch.ones(1)}])

@@ -1,7 +1,8 @@
 """The VMoBA vs full-attention comparison report: markdown, PNG plots and a wandb run, from two run dirs.
 
 Reads the run-directory format written by `train.py` (docs/architecture.md): `config.yaml`,
-`metrics.jsonl`, `eval.jsonl`, `samples/step_XXXXXX/prompt_XX.mp4`. Used by `scripts/compare.py`.
+`metrics.jsonl`, `eval.jsonl`, `summary.json`, `samples/step_XXXXXX/prompt_XX.mp4`. Used by
+`scripts/compare.py`. The final loss and median definitions are `summary.json`'s (training.summary).
 """
 
 from __future__ import annotations
@@ -9,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
-from training.metrics import FeatureNetworks, fidelity
+from evaluation.metrics import FeatureNetworks, fidelity
+from training.summary import MEMORY_MEANING, logged, read_jsonl, steady_median, tail_mean
 
 log = logging.getLogger(__name__)
 
@@ -26,31 +29,20 @@ PLOTS = ("loss_vs_step", "loss_vs_time", "step_time", "memory", "attention_per_l
 
 @dataclass
 class Run:
-    """One run directory, parsed. `metrics`/`evals` are the JSON lines of metrics.jsonl / eval.jsonl."""
+    """One run directory, parsed. `metrics`/`evals` are the JSON lines of metrics.jsonl / eval.jsonl;
+    `device` the device type summary.json records (None for a run that has not finished)."""
 
     path: Path
     label: str
     config: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    device: str | None = None
 
     def series(self, key: str, source: str = "metrics", x: str = "step") -> tuple[list[float], list[float]]:
         """`(x values, key values)` of the records (of `metrics` or `evals`) that have both."""
         records = [r for r in getattr(self, source) if r.get(key) is not None and r.get(x) is not None]
         return [float(r[x]) for r in records], [float(r[key]) for r in records]
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not a JSON line ({err})") from err
-    return records
 
 
 def load_run(path: str | Path, label: str) -> Run:
@@ -62,22 +54,14 @@ def load_run(path: str | Path, label: str) -> Run:
             "(config.yaml, metrics.jsonl, eval.jsonl, samples/)"
         )
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
     return Run(
-        path, label, config or {}, _read_jsonl(path / "metrics.jsonl"), _read_jsonl(path / "eval.jsonl")
-    )
+        path, label, config or {}, read_jsonl(path / "metrics.jsonl"), read_jsonl(path / "eval.jsonl"),
+        summary.get("device"),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- numbers
-
-
-def _tail_mean(values: list[float], tail: int = 10) -> float | None:
-    """Mean of the last `tail` values: a final loss less noisy than one step (as in summary.json)."""
-    return sum(values[-tail:]) / len(values[-tail:]) if values else None
-
-
-def _steady_median(values: list[float]) -> float | None:
-    """Median of all but the first value (the warm-up step: allocation, compilation), as in summary.json."""
-    return statistics.median(values[1:] or values) if values else None
 
 
 def _layer_values(record: dict[str, Any], kind: str) -> dict[int, float]:
@@ -101,18 +85,17 @@ def layer_profile(run: Run, kind: str) -> dict[int, float]:
 
 def run_numbers(run: Run) -> dict[str, float | None]:
     """The per-run numbers of the table (None where the run did not log them)."""
-    _, losses = run.series("loss")
-    _, step_times = run.series("step_time")
-    _, mems = run.series("mem_gb")
-    _, tokens = run.series("tokens_per_s")
-    _, times = run.series("time")
-    _, val = run.series("val_loss", "evals")
+    mems, times, val = (
+        logged(run.metrics, "mem_gb"),
+        logged(run.metrics, "time"),
+        logged(run.evals, "val_loss"),
+    )
     density, recall = layer_profile(run, "density"), layer_profile(run, "recall")
     return {
-        "final_loss": _tail_mean(losses),
+        "final_loss": tail_mean(logged(run.metrics, "loss")),
         "val_loss": val[-1] if val else None,
-        "step_time": _steady_median(step_times),
-        "tokens_per_s": _steady_median(tokens),
+        "step_time": steady_median(logged(run.metrics, "step_time")),
+        "tokens_per_s": steady_median(logged(run.metrics, "tokens_per_s")),
         "peak_mem_gb": max(mems) if mems else None,
         "wall_time": times[-1] if times else None,
         "mean_density": sum(density.values()) / len(density) if density else None,
@@ -213,7 +196,12 @@ def metric_table(vmoba: Run, baseline: Run, fid: dict[str, Any] | None) -> list[
             _fmt(b["tokens_per_s"]),
             ratio("tokens_per_s"),
         ],
-        ["peak memory, GB", _fmt(a["peak_mem_gb"]), _fmt(b["peak_mem_gb"]), ratio("peak_mem_gb")],
+        [
+            "peak memory, GiB (what it measures: Memory)",
+            _fmt(a["peak_mem_gb"]),
+            _fmt(b["peak_mem_gb"]),
+            ratio("peak_mem_gb"),
+        ],  # fmt: skip
         ["wall-clock time, s", _fmt(a["wall_time"]), _fmt(b["wall_time"]), ratio("wall_time")],
         ["mean attention density (training steps)", _fmt(a["mean_density"]), _fmt(b["mean_density"]), ""],
         ["mean attention recall (last eval)", _fmt(a["mean_recall"]), _fmt(b["mean_recall"]), ""],
@@ -245,6 +233,40 @@ def _smooth(values: list[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
+@dataclass
+class _Style:
+    color: str
+    ls: str
+    marker: str
+    lw: float
+    z: int  # drawing order
+
+
+def loss_ratio(
+    a: tuple[list[float], list[float]], b: tuple[list[float], list[float]]
+) -> tuple[list[float], list[float]]:
+    """`(x, a(x) / b(x))` at the x values of curve `a` that lie within curve `b`'s x range, `b` linearly
+    interpolated there (the two runs log at the same steps, but not at the same wall-clock times)."""
+    (ax, ay), (bx, by) = a, b
+    if not ax or not bx:
+        return [], []
+    keep = [i for i, x in enumerate(ax) if bx[0] <= x <= bx[-1]]
+    at = np.interp([ax[i] for i in keep], bx, by)
+    return [ax[i] for i in keep], [ay[i] / v for i, v in zip(keep, at)]
+
+
+def memory_meaning(*runs: Run) -> str:
+    """What the runs' `mem_gb` measures, from the device each recorded in summary.json."""
+    devices = {run.device for run in runs}
+    if len(devices) == 1 and (device := devices.pop()) in MEMORY_MEANING:
+        return MEMORY_MEANING[device]
+    known = ", ".join(f"{run.label} ran on {run.device}" for run in runs if run.device)
+    return (
+        f"on GPU, {MEMORY_MEANING['cuda']}; on CPU, {MEMORY_MEANING['cpu']} "
+        f"({known or 'the runs have no summary.json to say which'})"
+    )
+
+
 def make_plots(vmoba: Run, baseline: Run, out_dir: Path) -> dict[str, Path]:
     """Writes the PNG plots (names in `PLOTS`) into `out_dir`; returns name -> path."""
     import matplotlib
@@ -252,7 +274,12 @@ def make_plots(vmoba: Run, baseline: Run, out_dir: Path) -> dict[str, Path]:
     matplotlib.use("Agg")  # files only; no display on training machines
     import matplotlib.pyplot as plt
 
-    runs = ((vmoba, "tab:blue"), (baseline, "tab:orange"))
+    # VMoBA wide and solid with circles; the baseline thinner, dashed, with squares and drawn on top: where
+    # the curves coincide, VMoBA's shows between the baseline's dashes, so neither hides the other.
+    runs = (
+        (vmoba, _Style("tab:blue", "-", "o", 2.4, 2)),
+        (baseline, _Style("tab:orange", "--", "s", 1.4, 3)),
+    )
     paths = {}
 
     def save(fig, name):
@@ -265,30 +292,47 @@ def make_plots(vmoba: Run, baseline: Run, out_dir: Path) -> dict[str, Path]:
         ("loss_vs_step", "step", "step"),
         ("loss_vs_time", "time", "wall-clock time (s)"),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for run, color in runs:
+        fig, (ax, rax) = plt.subplots(
+            2, 1, figsize=(7, 5.5), sharex=True, gridspec_kw={"height_ratios": (3, 1.2)}
+        )
+        curves = []  # per run: (train x, smoothed train loss), (eval x, validation loss)
+        for run, st in runs:
             xs, ys = run.series("loss", x=x)
-            if xs:
-                ax.plot(xs, ys, color=color, alpha=0.25, lw=0.8)
-                ax.plot(xs, _smooth(ys), color=color, label=f"{run.label} train (EMA)")
             vx, vy = run.series("val_loss", "evals", x=x)
+            curves.append(((xs, _smooth(ys)), (vx, vy)))
+            if xs:
+                ax.plot(xs, ys, color=st.color, ls=st.ls, alpha=0.25, lw=0.8, zorder=st.z)
+                ax.plot(xs, curves[-1][0][1], color=st.color, ls=st.ls, lw=st.lw, zorder=st.z,
+                        label=f"{run.label} train (EMA)")  # fmt: skip
             if vx:
-                ax.plot(vx, vy, "o--", color=color, label=f"{run.label} validation")
-        ax.set(xlabel=xlabel, ylabel="flow-matching loss", title=f"Loss vs {xlabel}")
+                ax.plot(vx, vy, color=st.color, ls=":", marker=st.marker, mfc="none", ms=6, zorder=st.z + 2,
+                        label=f"{run.label} validation")  # fmt: skip
+        ax.set(ylabel="flow-matching loss", title=f"Loss vs {xlabel}")
         if ax.has_data():
             ax.legend()
+        # The ratio panel: where the two runs overlap, VMoBA's loss over the baseline's at the same x.
+        for i, (what, marker) in enumerate((("train (EMA)", ""), ("validation", "o"))):
+            rx, ry = loss_ratio(curves[0][i], curves[1][i])
+            if rx:
+                rax.plot(rx, ry, color="tab:blue", ls="-" if i == 0 else ":", marker=marker, mfc="none",
+                         label=what)  # fmt: skip
+        rax.axhline(1.0, color="gray", lw=0.8)
+        rax.set(xlabel=xlabel, ylabel=f"{vmoba.label} / {baseline.label}")
+        if rax.has_data():
+            rax.legend(fontsize="small")
         save(fig, name)
 
-    for name, key, ylabel in (
-        ("step_time", "step_time", "step time (s)"),
-        ("memory", "mem_gb", "memory (GB)"),
+    for name, key, ylabel, title in (
+        ("step_time", "step_time", "step time (s)", "Step time"),
+        ("memory", "mem_gb", "mem_gb (GiB)", "Memory: " + memory_meaning(vmoba, baseline)),
     ):
         fig, ax = plt.subplots(figsize=(7, 4))
-        for run, color in runs:
+        for run, st in runs:
             xs, ys = run.series(key)
             if xs:
-                ax.plot(xs, ys, color=color, label=run.label)
-        ax.set(xlabel="step", ylabel=ylabel, title=ylabel[0].upper() + ylabel[1:])
+                ax.plot(xs, ys, color=st.color, ls=st.ls, lw=st.lw, zorder=st.z, label=run.label)
+        ax.set(xlabel="step", ylabel=ylabel)
+        ax.set_title("\n".join(textwrap.wrap(title, 75)), fontsize=10)
         if ax.has_data():
             ax.legend()
         save(fig, name)
@@ -297,11 +341,11 @@ def make_plots(vmoba: Run, baseline: Run, out_dir: Path) -> dict[str, Path]:
     cycle = (vmoba.config.get("attention") or {}).get("partitions") or []
     for ax, kind in zip(axes, ("density", "recall")):
         width, layers = 0.4, set()
-        for i, (run, color) in enumerate(runs):
+        for i, (run, st) in enumerate(runs):
             profile = layer_profile(run, kind)
             layers |= set(profile)
             xs = [layer + (i - 0.5) * width for layer in profile]
-            ax.bar(xs, list(profile.values()), width, color=color, label=run.label)
+            ax.bar(xs, list(profile.values()), width, color=st.color, label=run.label)
         # Tick each layer with its partition type (layer i uses partitions[i % len]).
         ticks = sorted(layers)
         ax.set_xticks(ticks, [f"{t}\n{cycle[t % len(cycle)]}" if cycle else str(t) for t in ticks])
@@ -338,8 +382,15 @@ def _markdown(vmoba: Run, baseline: Run, rows: list[list[str]], plots: dict[str,
         "memory": "Memory",
         "attention_per_layer": "Attention density and recall per layer",
     }
+    captions = {
+        "loss_vs_step": f"{vmoba.label} solid, {baseline.label} dashed; the lower panel is the ratio of the two "
+        "at the same step.",
+        "loss_vs_time": "The lower panel is the ratio of the two losses at the same wall-clock time.",
+        "memory": f"`mem_gb`: {memory_meaning(vmoba, baseline)}.",
+    }
     for name, path in plots.items():
         lines += [f"## {titles[name]}", "", f"![{titles[name]}]({path.name})", ""]
+        lines += [captions[name], ""] if name in captions else []
     return "\n".join(lines)
 
 
