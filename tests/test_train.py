@@ -208,7 +208,9 @@ def test_train_cli_multirun_writes_runs_and_summary_table(cache, tmp_path, launc
         len(runs) == 2 and runs[0].startswith("00_++attention.block_2d=[1,2]") and runs[1].startswith("01_")
     )
     table = (sweep / "summary.md").read_text().splitlines()
-    assert table[0].startswith("| run | final_loss | val_loss") and len(table) == 4
+    # The swept parameter has its own column, the rows its values.
+    assert table[0].startswith("| run | attention | final_loss | val_loss") and len(table) == 4
+    assert [row.split(" | ")[1] for row in table[2:]] == ["vmoba", "full"]
     assert len((sweep / "summary.csv").read_text().splitlines()) == 3
     names = {json.loads((sweep / r / "summary.json").read_text())["name"] for r in runs}
     assert sorted(n.split(",")[0] for n in names) == [
