@@ -27,16 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from vmoba import (  # noqa: E402
-    VMoBAConfig,
-    block_layout,  # noqa: E402
-    vmoba_attention,
-)
-from vmoba import fa4 as vfa4  # noqa: E402
-from vmoba import flex as vflex  # noqa: E402
+from vmoba import KernelOptions, VMoBAConfig, block_layout, vmoba_attention  # noqa: E402
 from vmoba import keyed as vkeyed  # noqa: E402
-from vmoba.attention import _select  # noqa: E402
 from vmoba.partition import partition_layout, valid_mask  # noqa: E402
+from vmoba.selection import select  # noqa: E402
 from vmoba.tiles import TILE, tile_tables  # noqa: E402
 
 DENSE = {
@@ -93,7 +87,7 @@ def parse_args(argv=None):
         type=int,
         nargs="+",
         default=[0],
-        help="vmoba.fa4.BACKWARD_HEAD_GROUPS per fa4 variant (0 = None: save block order, the default)",
+        help="KernelOptions.fa4_backward_head_groups per fa4 variant (0 = None: save block order, the default)",
     )
     p.add_argument(
         "--kernel-options",
@@ -227,7 +221,6 @@ def vmoba_rows(args, grid, q, k, v):
         variants += [("flex", json.loads(o) if o else None) for o in args.kernel_options]
     if "keyed" in args.backends:
         variants.append(("keyed", None))
-    tuned = vflex.KERNEL_OPTIONS
     for backend, options in variants:
         for granularity, selection, value in modes:
             layout = block_layout(grid, kind, block, TILE)
@@ -241,20 +234,18 @@ def vmoba_rows(args, grid, q, k, v):
                 **budget,
             )
             # flex: options None = vmoba's tuned FlexAttention options for this GPU; fa4: backward head groups
-            if backend == "flex":
-                vflex.KERNEL_OPTIONS = (
-                    tuned if options is None else {torch.cuda.get_device_capability(): options}
-                )
-            elif backend == "fa4":
-                vfa4.BACKWARD_HEAD_GROUPS = options or None
+            knobs = KernelOptions(
+                flex_kernel_options=options if backend == "flex" else None,
+                fa4_backward_head_groups=(options or None) if backend == "fa4" else None,
+            )
             stats = {}
             label = f"vmoba {backend} {granularity} {selection}={value:g}"
             if options:
                 label += f" {json.dumps(options)}" if backend == "flex" else f" bwd-groups={options}"
             row = measure(
                 label,
-                lambda q, k, v, cfg=cfg, stats=stats, backend=backend: vmoba_attention(
-                    q, k, v, grid, cfg, backend=backend, stats=stats
+                lambda q, k, v, cfg=cfg, stats=stats, backend=backend, knobs=knobs: vmoba_attention(
+                    q, k, v, grid, cfg, backend=backend, stats=stats, options=knobs
                 ),
                 q,
                 k,
@@ -266,7 +257,6 @@ def vmoba_rows(args, grid, q, k, v):
                 row.update(gate_and_mask_ms(cfg, kind, layout, q, k, args, backend))
                 print(json.dumps(row), flush=True)
             yield row
-    vflex.KERNEL_OPTIONS, vfa4.BACKWARD_HEAD_GROUPS = tuned, None
 
 
 def gate_and_mask_ms(cfg, kind, layout, q, k, args, backend: str) -> dict:
@@ -277,7 +267,7 @@ def gate_and_mask_ms(cfg, kind, layout, q, k, args, backend: str) -> dict:
     @torch.no_grad()
     def gate():
         qb, kb = (partition_layout(t, layout) for t in (q, k))
-        return _select(qb, kb, layout, valid, cfg, kind)
+        return select(qb, kb, layout, valid, cfg, kind)
 
     sel = gate()
     build = vkeyed.row_lists if backend == "keyed" else tile_tables

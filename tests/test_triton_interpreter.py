@@ -17,18 +17,18 @@ pytest.importorskip("triton")
 
 KEYED = """
     import torch
-    from vmoba import keyed
+    from vmoba import KernelOptions, keyed
     from vmoba.reference import reference_attention
 
     torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
     B, C, V, H, D = 2, 3, 256, 2, 16  # two key tiles per block
     L = C * V
-    keyed.SCAN = 64  # the row lists' compaction in many steps
+    options = KernelOptions(keyed_scan=64)  # the row lists' compaction in many steps
     valid = torch.rand(L) > 0.1  # padded slots: keys masked, queries never picked
     sel = (torch.rand(B, H, L, C) < 0.4) | (torch.arange(L)[:, None] // V == torch.arange(C))
     sel[0, 1, :, 2], sel[0, 1, 2 * V :, 0] = False, True  # a key block nobody picked (its rows pick 0)
     inputs = [torch.randn(B, L, H, D, dtype=torch.float16, requires_grad=True) for _ in range(3)]
-    out = keyed.keyed_attention(*inputs, sel, V, valid)
+    out = keyed.keyed_attention(*inputs, sel, V, valid, options=options)
     exact = [t.detach().double().requires_grad_() for t in inputs]
     ref = reference_attention(*exact, sel, V, valid) * valid[:, None, None]
     grad = torch.randn_like(ref) * valid[:, None, None]
@@ -46,13 +46,12 @@ ROW_LISTS = """
     from vmoba import keyed
 
     torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
-    keyed.SCAN = 64  # the compaction in many steps
     B, H, C, V = 2, 3, 5, 64
     L = C * V
     valid = torch.rand(L) > 0.2
     for sel, rows_per_block in [(torch.rand(B, H, L, C) < 0.3, 1), (torch.rand(B, H, C, C) < 0.5, V)]:
         sel[0, 0, :, 1] = False  # a block nobody picked: an empty list
-        starts, rows = keyed.row_lists(sel, valid, V)
+        starts, rows = keyed.row_lists(sel, valid, V, scan=64)  # the compaction in many steps
         per_token = sel.repeat_interleave(rows_per_block, dim=2) & valid[:, None]  # [B, H, L, C]
         want = [torch.nonzero(column).flatten() for column in per_token.transpose(2, 3).reshape(-1, L)]
         counts = torch.tensor([len(w) for w in want])

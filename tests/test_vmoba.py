@@ -113,26 +113,36 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
 def test_auto_backend_says_once_when_a_missing_fa4_costs_speed(monkeypatch):
     """On a GPU that could run fa4 but lacks FlashAttention-4, `auto` falls back to flex and warns once,
     naming the install command; other reasons to skip fa4 (e.g. fp32) fall back silently."""
+    import dataclasses
     import warnings
     from types import SimpleNamespace
 
-    from vmoba import attention
+    from vmoba import backends
+
+    def fa4_that(unsupported):  # the registered fa4 record, with another check of what it can run
+        monkeypatch.setitem(
+            backends.REGISTRY, "fa4", dataclasses.replace(backends.REGISTRY["fa4"], unsupported=unsupported)
+        )
 
     reasons = {"bf16": vmoba.fa4.INSTALL_HINT, "fp32": "fa4 needs fp16 or bf16 q, k, v"}
-    monkeypatch.setattr(attention.fa4, "unsupported", lambda q: reasons[q.dtype])
-    attention._warn_once.cache_clear()
+    fa4_that(lambda q: reasons[q.dtype])
+    backends._warn_once.cache_clear()
     gpu = SimpleNamespace(is_cuda=True, dtype="bf16")
     with pytest.warns(UserWarning, match=r"flex because FlashAttention-4 is not installed.*pip install"):
-        assert attention._resolve_backend("auto", gpu, "block") == "flex"
+        assert backends.resolve("auto", gpu, "block").name == "flex"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert attention._resolve_backend("auto", gpu, "block") == "flex"  # said once already
-        attention._warn_once.cache_clear()
-        assert (
-            attention._resolve_backend("auto", SimpleNamespace(is_cuda=True, dtype="fp32"), "block") == "flex"
-        )
-    monkeypatch.setattr(attention.fa4, "unsupported", lambda q: None)
-    assert attention._resolve_backend("auto", gpu, "block") == "fa4"
+        assert backends.resolve("auto", gpu, "block").name == "flex"  # said once already
+        backends._warn_once.cache_clear()
+        assert backends.resolve("auto", SimpleNamespace(is_cuda=True, dtype="fp32"), "block").name == "flex"
+    fa4_that(lambda q: None)
+    assert backends.resolve("auto", gpu, "block").name == "fa4"
+    cpu = SimpleNamespace(is_cuda=False, dtype="bf16")
+    assert (
+        backends.resolve("auto", cpu, "block").name
+        == backends.resolve("auto", cpu, "token").name
+        == "reference"
+    )
 
 
 def test_attention_rejects_bad_arguments():
@@ -316,19 +326,20 @@ def test_dense_first_layers_and_steps():
 
 @pytest.mark.parametrize("chunk_bytes", [None, 1])  # the gate a head at a time
 @pytest.mark.parametrize("granularity", ["token", "block"])
-def test_stats_and_recall_match_the_oracle_mask(granularity, chunk_bytes, monkeypatch):
-    if chunk_bytes:
-        monkeypatch.setattr(vmoba.attention, "GATE_CHUNK_BYTES", chunk_bytes)
+def test_stats_and_recall_match_the_oracle_mask(granularity, chunk_bytes):
+    options = vmoba.KernelOptions(gate_chunk_bytes=chunk_bytes) if chunk_bytes else None
     cfg = make_config("3d", granularity=granularity)
     q, k, v = rand_qkv(H=3)
     _, mask = oracle(q, k, v, GRID, cfg)
     stats = {}
-    vmoba_attention(q, k, v, GRID, cfg, stats=stats)
+    vmoba_attention(q, k, v, GRID, cfg, stats=stats, options=options)
     torch.testing.assert_close(stats["density"], mask.double().mean((0, 2, 3)).float())
     assert stats["density"].shape == stats["blocks"].shape == (3,)
     probs = (torch.einsum("bqhd,bkhd->bhqk", q, k).detach() / q.shape[-1] ** 0.5).softmax(-1)
     expected = (probs * mask).sum(-1).mean((0, 2)).float()
-    torch.testing.assert_close(attention_recall(q, k, GRID, cfg, num_queries=10_000), expected)
+    torch.testing.assert_close(
+        attention_recall(q, k, GRID, cfg, num_queries=10_000, options=options), expected
+    )
     sampled = attention_recall(q, k, GRID, cfg, num_queries=20, generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (3,) and ((sampled > 0) & (sampled <= 1 + 1e-6)).all()
     assert torch.allclose(attention_recall(q, k, GRID, make_config("3d", threshold=1.0)), torch.ones(3))
@@ -443,8 +454,7 @@ def test_flash_varlen_without_flash_attn_says_how_to_install():
 @pytest.mark.parametrize("num_prefix", [0, 5])
 def test_block_order_writes_into_a_head_slice(grid, num_prefix):
     # fa4's backward writes each head group's gradients straight into slices of the raster gradient.
-    from vmoba.attention import BlockOrder
-    from vmoba.partition import block_layout
+    from vmoba.partition import BlockOrder, block_layout
 
     order = BlockOrder(block_layout(grid, "3d", (2, 4, 4), 16), num_prefix)
     assert order.padded == (grid != (4, 8, 8) or num_prefix > 0)  # 5 prefix tokens pad one 32-slot block
@@ -480,13 +490,12 @@ class _TorchKernel:
 @pytest.mark.parametrize(
     "groups, expected_calls", [(None, [(slice(None), 3)]), (2, [(slice(0, 2), 2), (slice(2, 4), 1)])]
 )
-def test_fa4_autograd_function_matches_the_reference_in_both_backward_modes(
-    groups, expected_calls, monkeypatch
-):
+def test_fa4_autograd_function_matches_the_reference_in_both_backward_modes(groups, expected_calls):
     from vmoba import fa4
-    from vmoba.attention import BlockOrder, _joint_selection, _layout, _select
+    from vmoba.attention import _joint_selection, _layout
+    from vmoba.partition import BlockOrder
+    from vmoba.selection import select
 
-    monkeypatch.setattr(fa4, "BACKWARD_HEAD_GROUPS", groups)
     S, cfg = 3, make_config("3d", granularity="block", selection="topk", topk_3d=2)
     layout = _layout(cfg, GRID, 0, 16)
     order = BlockOrder(layout, S)
@@ -494,12 +503,12 @@ def test_fa4_autograd_function_matches_the_reference_in_both_backward_modes(
     q, k, v = (torch.cat([t[:, :S] * 0.5, t], 1).detach().requires_grad_() for t in (q, k, v))  # a prefix
     valid = valid_mask(layout, q.device)
     blocks = [order.to_blocks(t.detach()) for t in (q, k, v)]
-    sel = _select(blocks[0][:, order.head :], blocks[1][:, order.head :], layout, valid, cfg, "3d")
+    sel = select(blocks[0][:, order.head :], blocks[1][:, order.head :], layout, valid, cfg, "3d")
     sel, valid = _joint_selection(sel, valid, order)
     assert not sel.all()
     kernel = _TorchKernel(sel, layout.padded_volume, valid)
     grad_out = torch.randn_like(q)
-    got = fa4._BlockSparse.apply(q, k, v, kernel, order, None)
+    got = fa4._BlockSparse.apply(q, k, v, kernel, order, None, groups)
     got_grads = torch.autograd.grad(got, (q, k, v), grad_out)
     assert kernel.calls == expected_calls
     want = order.from_blocks(
@@ -575,19 +584,70 @@ def test_slot_indices_are_the_partition_and_its_inverse(kind):
 def test_gate_taken_a_few_heads_at_a_time_selects_the_same(scope, granularity, monkeypatch):
     # Scopes that never mix heads compute the fp32 scores in head chunks (bounded memory); the picks
     # must not depend on the chunking, and `overall` (which mixes heads) must not be chunked.
-    from vmoba import attention
-    from vmoba.attention import _layout, _select
+    from vmoba import selection
+    from vmoba.attention import _layout
     from vmoba.partition import partition_layout
+    from vmoba.selection import select
 
     q, k, _ = (t.detach() for t in rand_qkv(H=5, seed=int(torch.randint(0, 2**31, ()))))
     cfg = make_config("3d", granularity=granularity, scope=scope, selection="topk", topk_3d=2)
     layout = _layout(cfg, GRID, 0, 1)
     valid = valid_mask(layout, q.device)
     qb, kb = (partition_layout(t, layout) for t in (q, k))
-    whole = _select(qb, kb, layout, valid, cfg, "3d")
-    monkeypatch.setattr(attention, "GATE_CHUNK_BYTES", 1)  # one head at a time where allowed
-    assert torch.equal(_select(qb, kb, layout, valid, cfg, "3d"), whole)
+    whole = select(qb, kb, layout, valid, cfg, "3d")
+    heads_scored = []  # the heads of each gate_scores call
+
+    def gate_scores(q, *args):
+        heads_scored.append(q.shape[2])
+        return scores(q, *args)
+
+    scores = selection.gate_scores
+    monkeypatch.setattr(selection, "gate_scores", gate_scores)
+    assert torch.equal(select(qb, kb, layout, valid, cfg, "3d", chunk_bytes=1), whole)
+    assert heads_scored == ([5] if scope == "overall" else [1] * 5)  # one head at a time where allowed
     assert whole[:, :, valid if granularity == "token" else slice(None)].any(-1).all()
+
+
+@pytest.mark.parametrize("granularity, num_prefix", [("token", 0), ("block", 5)])
+def test_a_registered_backend_runs_through_vmoba_attention(granularity, num_prefix):
+    """docs/vmoba.md, "How to add an attention backend": a toy record calling the reference kernel runs
+    forward and backward through `vmoba_attention(backend="toy")` as the built-in reference does, with
+    its own tile padding and its own check of what it can run; unregistered, its name is refused again."""
+    from vmoba.backends import Backend, register, unregister
+
+    block_slots = []
+
+    def toy(q, k, v, sel, valid, order, *, blocks, options):
+        block_slots.append(order.layout.padded_volume)
+        return order.from_blocks(reference_attention(*blocks, sel, order.layout.padded_volume, valid))
+
+    def unsupported(q):
+        return None if q.dtype == torch.float64 else "toy runs fp64 only"
+
+    cfg = make_config("3d", granularity=granularity)
+    seed = int(torch.randint(0, 2**31, ()))
+    q, k, v = rand_qkv(seed=seed)
+    if num_prefix:  # text tokens in front of the video (joint attention)
+        prefix = rand_qkv(grid=(1, 1, num_prefix), seed=seed + 1)
+        q, k, v = (torch.cat([p, t], 1).detach().requires_grad_() for p, t in zip(prefix, (q, k, v)))
+    want = vmoba_attention(q, k, v, GRID, cfg, backend="reference", num_prefix=num_prefix)
+    register(Backend("toy", toy, pad_to=8, unsupported=unsupported))
+    try:
+        assert "toy" in vmoba.BACKENDS
+        with pytest.raises(ValueError, match="registered already"):
+            register(Backend("toy", toy))
+        got = vmoba_attention(q, k, v, GRID, cfg, backend="toy", num_prefix=num_prefix)
+        with pytest.raises(ValueError, match="toy runs fp64 only"):
+            vmoba_attention(*(t.float() for t in (q, k, v)), GRID, cfg, backend="toy", num_prefix=num_prefix)
+    finally:
+        unregister("toy")
+    assert block_slots == [16]  # 2x3x2 = 12-slot blocks, padded to a multiple of 8
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads(got, (q, k, v)), grads(want, (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert "toy" not in vmoba.BACKENDS
+    with pytest.raises(ValueError, match="backend must be one of"):
+        vmoba_attention(q, k, v, GRID, cfg, backend="toy", num_prefix=num_prefix)
 
 
 def test_keyed_backend_says_why_it_cannot_run():

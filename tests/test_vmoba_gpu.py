@@ -5,10 +5,12 @@ import warnings
 import pytest
 import torch
 
-from vmoba import VMoBAConfig, vmoba_attention
-from vmoba.attention import _layout, _select
+from vmoba import KernelOptions, VMoBAConfig, vmoba_attention
+from vmoba.attention import _layout
+from vmoba.backends import resolve
 from vmoba.partition import block_layout, partition_layout, unpartition_layout, valid_mask
 from vmoba.reference import reference_attention, token_mask
+from vmoba.selection import select
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +41,7 @@ def block_order(cfg, kind, grid, qkv, pad_to):
     layout = _layout(cfg, grid, 0, pad_to)
     valid = valid_mask(layout, qkv[0].device)
     qb, kb, vb = (partition_layout(t, layout) for t in qkv)
-    return qb, kb, vb, _select(qb, kb, layout, valid, cfg, kind), layout.padded_volume, valid
+    return qb, kb, vb, select(qb, kb, layout, valid, cfg, kind), layout.padded_volume, valid
 
 
 def check_flash_attention_rule(kernel, qb, kb, vb, sel, S, valid):
@@ -105,9 +107,8 @@ def fa4_or_skip():
     ],
 )
 @pytest.mark.parametrize("backward_groups", [None, 2])  # saved block order; re-partitioned per 2 heads
-def test_fa4_within_flash_attention_rule(kind, granularity, D, selection, grid, backward_groups, monkeypatch):
+def test_fa4_within_flash_attention_rule(kind, granularity, D, selection, grid, backward_groups):
     fa4 = fa4_or_skip()
-    monkeypatch.setattr(fa4, "BACKWARD_HEAD_GROUPS", backward_groups)
     torch.manual_seed(5)
     cfg = config(kind, granularity, selection=selection, topk_1d=2, topk_3d=4)
     L = grid[0] * grid[1] * grid[2]
@@ -117,7 +118,7 @@ def test_fa4_within_flash_attention_rule(kind, granularity, D, selection, grid, 
     assert padded == (grid == GRID)
 
     def kernel(*args):
-        return fa4.fa4_block_attention(*args, padded=padded)
+        return fa4.fa4_block_attention(*args, padded=padded, backward_head_groups=backward_groups)
 
     check_flash_attention_rule(kernel, qb, kb, vb, sel, S, valid)
 
@@ -133,10 +134,12 @@ def prefix_case(granularity, seed):
     return config("3d", granularity, selection="topk", topk_3d=4), qkv, torch.randn_like(qkv[0])
 
 
-def run_with_prefix(backend, cfg, qkv, grad_out):
+def run_with_prefix(backend, cfg, qkv, grad_out, options=None):
     """[out, dq, dk, dv] of `vmoba_attention` on `backend` with the text prefix."""
     return fwd_bwd(
-        lambda *t: vmoba_attention(*t, GRID, cfg, backend=backend, num_prefix=PREFIX), qkv, grad_out
+        lambda *t: vmoba_attention(*t, GRID, cfg, backend=backend, num_prefix=PREFIX, options=options),
+        qkv,
+        grad_out,
     )
 
 
@@ -147,20 +150,19 @@ def assert_matches_the_reference_with_prefix(got, cfg, qkv, grad_out):
 
 
 @pytest.mark.parametrize("backward_groups", [None, 2])
-def test_fa4_with_a_text_prefix_matches_the_reference_with_gradients(backward_groups, monkeypatch):
-    fa4 = fa4_or_skip()
-    monkeypatch.setattr(fa4, "BACKWARD_HEAD_GROUPS", backward_groups)
+def test_fa4_with_a_text_prefix_matches_the_reference_with_gradients(backward_groups):
+    fa4_or_skip()
+    options = KernelOptions(fa4_backward_head_groups=backward_groups)
     cfg, qkv, grad_out = prefix_case("block", seed=7)
-    assert_matches_the_reference_with_prefix(run_with_prefix("fa4", cfg, qkv, grad_out), cfg, qkv, grad_out)
+    got = run_with_prefix("fa4", cfg, qkv, grad_out, options)
+    assert_matches_the_reference_with_prefix(got, cfg, qkv, grad_out)
 
 
 def test_auto_takes_keyed_for_tokens_on_cuda():
-    from vmoba.attention import _resolve_backend
-
     keyed_or_skip()
     q = torch.randn(1, 256, 2, 64, device="cuda", dtype=torch.bfloat16)
-    assert _resolve_backend("auto", q, "token") == "keyed"
-    assert _resolve_backend("auto", q.float(), "token") == "flex"  # fp32: neither keyed nor fa4
+    assert resolve("auto", q, "token").name == "keyed"
+    assert resolve("auto", q.float(), "token").name == "flex"  # fp32: neither keyed nor fa4
 
 
 def test_auto_takes_fa4_for_blocks_on_hopper_and_blackwell():
@@ -226,7 +228,7 @@ def test_flex_token_granularity_beyond_int32_index_range():
     layout = _layout(cfg, grid, 0, TILE)
     valid = valid_mask(layout, q.device)
     qb, kb, vb = (partition_layout(t, layout) for t in (q, k, v))
-    sel = _select(qb, kb, layout, valid, cfg, "3d")
+    sel = select(qb, kb, layout, valid, cfg, "3d")
     out = flex_block_attention(qb, kb, vb, sel, layout.padded_volume, valid)
     rows = torch.randint(0, L, (64,), device="cuda").sort().values
     rows[-1] = L - 1  # the last query is where an overflow would show
@@ -420,7 +422,8 @@ def test_keyed_cuda_pass_is_as_accurate_as_the_triton_pass(monkeypatch):
     qkv = [torch.randn(2, L, 3, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
     qb, kb, vb, sel, S, valid = block_order(cfg, "3d", GRID, qkv, keyed.BLOCK_N)
     assert _keyed_cuda.usable(qb)  # on Hopper it must not fall back silently
-    monkeypatch.setenv("VMOBA_KEYED_CUDA", "0")  # the documented way back to the Triton kernels
+    assert not _keyed_cuda.usable(qb, enabled=False)  # KernelOptions(keyed_cuda=False)
+    monkeypatch.setenv("VMOBA_KEYED_CUDA", "0")  # the documented override, back to the Triton kernels
     assert not _keyed_cuda.usable(qb)
     monkeypatch.delenv("VMOBA_KEYED_CUDA")
     starts, rows = keyed.row_lists(sel, valid, S)

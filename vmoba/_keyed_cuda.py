@@ -7,8 +7,9 @@ wgmma. The CUDA kernels do that: the forward adds exactly what Triton's pass 1 a
 what Triton's backward does (both to fp32 rounding), with dq added by bulk reduce-adds.
 
 NVRTC ships with PyTorch's CUDA wheels (no toolkit, no nvcc) and `torch.cuda._compile_kernel` wraps it;
-the kernel includes no headers. Used on sm_90 for bf16 with D = 128, unless `VMOBA_KEYED_CUDA=0`; any
-other case, or a failed compile (warned once), takes the Triton kernels.
+the kernel includes no headers. Used on sm_90 for bf16 with D = 128, unless `KernelOptions.keyed_cuda` is
+False or the environment says `VMOBA_KEYED_CUDA=0`; any other case, or a failed compile (warned once),
+takes the Triton kernels.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ OPTIONS = ["--use_fast_math", "-std=c++17"]  # NVRTC's; fast math: exp2f as ex2.
 _INT32_MAX = 2**31 - 1
 
 
-def usable(qb: torch.Tensor) -> bool:
-    """Whether the CUDA kernels can take q [B, L, H, D] (block order, contiguous): sm_90, bf16, D = 128."""
+def usable(qb: torch.Tensor, enabled: bool = True) -> bool:
+    """Whether the CUDA kernels take q [B, L, H, D] (block order, contiguous): `enabled`
+    (`KernelOptions.keyed_cuda`) and not overridden by VMOBA_KEYED_CUDA=0, sm_90, bf16, D = 128."""
     return (
-        os.environ.get("VMOBA_KEYED_CUDA", "1") != "0"
+        enabled
+        and os.environ.get("VMOBA_KEYED_CUDA", "1") != "0"
         and qb.is_cuda
         and qb.dtype == torch.bfloat16
         and qb.shape[-1] == 128

@@ -13,7 +13,8 @@ padding has no partial tiles, and its kernels are compiled without a mask.
 
 FA4's forward and backward (`flash_attn.cute.interface._flash_attn_fwd` / `_flash_attn_bwd`, the entry
 points PyTorch's FlexAttention FLASH backend calls too) run inside `_BlockSparse`, which owns the
-raster <-> block order, so the backward can partition again per head group (`BACKWARD_HEAD_GROUPS`).
+raster <-> block order, so the backward can partition again per head group
+(`KernelOptions.fa4_backward_head_groups`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def fa4_block_attention(
     padded: bool = True,
     order=None,
     blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    backward_head_groups: int | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention through FlashAttention-4, for tensors `unsupported` accepts.
 
@@ -114,8 +116,10 @@ def fa4_block_attention(
             order L = C * block_slots, block_slots a multiple of TILE.
         padded: False promises `valid` is all True, so block granularity needs no mask at all.
         order: None, or an object with `to_blocks(x)` ([B, N, h, D] -> [B, L, h, D]) and its inverse
-            `from_blocks(y, out=None)`, e.g. `vmoba.attention.BlockOrder`.
+            `from_blocks(y, out=None)`, e.g. `vmoba.partition.BlockOrder`.
         blocks: `order.to_blocks` of q, k, v if already computed (used by the forward only).
+        backward_head_groups: what the backward reads (`KernelOptions.fa4_backward_head_groups`): None,
+            the saved block order; n, raster tensors partitioned again in n head groups.
     Returns:
         [B, N, H, D] in q's dtype, in q's order.
     """
@@ -130,14 +134,7 @@ def fa4_block_attention(
     elif padded:
         mask_mod, aux = _valid_key_mask(), [valid.to(torch.int32)]
     kernel = _Kernel([t[name] for name in FIELDS], mask_mod, aux)
-    return _BlockSparse.apply(q, k, v, kernel, order or SAME_ORDER, blocks)
-
-
-# What the backward reads. None (default): the forward's block-order q, k, v and output, saved (the fastest
-# training step). n: only raster q, k, v and the output are saved, and the backward partitions them again
-# in n head groups, so block-order copies exist for one group at a time: peak memory near dense attention's
-# (1.01x at n = 6 vs 1.85x, 55K tokens on an H100) for ~2 ms more (docs/benchmarks.md, note 11).
-BACKWARD_HEAD_GROUPS: int | None = None
+    return _BlockSparse.apply(q, k, v, kernel, order or SAME_ORDER, blocks, backward_head_groups)
 
 
 class _Kernel:
@@ -186,15 +183,15 @@ class _Kernel:
 
 
 class _BlockSparse(torch.autograd.Function):
-    """out = from_blocks(attention(to_blocks(q), to_blocks(k), to_blocks(v))); see BACKWARD_HEAD_GROUPS for
-    what it saves."""
+    """out = from_blocks(attention(to_blocks(q), to_blocks(k), to_blocks(v))); `groups` (None or n, as
+    `KernelOptions.fa4_backward_head_groups`) decides what it saves."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kernel: _Kernel, order, blocks):
+    def forward(ctx, q, k, v, kernel: _Kernel, order, blocks, groups: int | None):
         qb, kb, vb = blocks if blocks is not None else (order.to_blocks(x) for x in (q, k, v))
         out_b, lse = kernel.forward(qb, kb, vb)
         out = order.from_blocks(out_b)
-        ctx.groups = BACKWARD_HEAD_GROUPS
+        ctx.groups = groups
         ctx.save_for_backward(*((qb, kb, vb, out_b) if ctx.groups is None else (q, k, v, out)), lse)
         ctx.kernel, ctx.order, ctx.shape = kernel, order, q.shape
         return out
@@ -206,7 +203,7 @@ class _BlockSparse(torch.autograd.Function):
         if ctx.groups is None:  # one pass over the saved block order (FA4 wants contiguous inputs)
             inputs = [x.contiguous() for x in (*saved, order.to_blocks(grad_out))]
             parts = kernel.backward(*inputs, lse, slice(None))
-            return (*(order.from_blocks(part) for part in parts), None, None, None)
+            return (*(order.from_blocks(part) for part in parts), None, None, None, None)
         grads = [grad_out.new_empty(ctx.shape) for _ in range(3)]
         H = ctx.shape[2]
         size = -(-H // ctx.groups)
@@ -217,4 +214,4 @@ class _BlockSparse(torch.autograd.Function):
             del inputs
             for grad, part in zip(grads, parts):
                 order.from_blocks(part, out=grad[:, :, heads])
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)

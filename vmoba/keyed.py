@@ -29,13 +29,10 @@ import torch
 
 from . import _keyed_cuda
 from .gather import has_triton
+from .options import DEFAULT_OPTIONS, KernelOptions
 from .partition import SAME_ORDER
 
 BLOCK_N = 128  # the partition pads blocks to a multiple of it
-SCAN = 1024  # bits of a column compacted per step of `compact` (on 2 warps: 0.59 ms at 55K, note 27)
-# (gathered queries per tile, keys per program, num_warps, pipeline stages) of forward pass 1, pass 2 and
-# the backward (docs/benchmarks.md, note 17).
-TILES = ((128, 128, 4, 3), (64, 128, 4, 1), (64, 128, 8, 3))
 _DTYPES = (torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
 # The largest norm bound (log2 units) that may stand in for the exact row max (`row_offsets`).
@@ -85,12 +82,15 @@ def column_counts(sel: torch.Tensor, valid: torch.Tensor, bits: torch.Tensor | N
     return counts
 
 
-def row_lists(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+def row_lists(
+    sel: torch.Tensor, valid: torch.Tensor, block_slots: int, scan: int = DEFAULT_OPTIONS.keyed_scan
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each key block's selected query rows, as CSR lists (one host sync, to size them).
 
     Args:
         sel: bool [B, H, R, C] selection (R = L tokens or C blocks); valid: bool [L] (L % 8 == 0);
-            block_slots: slots per block (L = C * block_slots).
+            block_slots: slots per block (L = C * block_slots); scan: bits of a column compacted per step
+            (`KernelOptions.keyed_scan`).
     Returns:
         starts int64 [B*H*C + 1], rows int32 [max(pairs, 1)]: rows[starts[i]:starts[i + 1]] are the query
         rows (ascending, padded queries never) that picked block i % C of batch-head i // C.
@@ -105,12 +105,29 @@ def row_lists(sel: torch.Tensor, valid: torch.Tensor, block_slots: int) -> tuple
     torch.cumsum(counts.view(-1), 0, out=starts[1:])
     pairs = int(starts[-1])  # the host sync
     rows = torch.empty(max(pairs, 1), dtype=torch.int32, device=sel.device)  # never a null pointer
-    _kernels().compact[(B * H * C,)](bits, starts, rows, L, SCAN=SCAN, num_warps=2)
+    _kernels().compact[(B * H * C,)](bits, starts, rows, L, SCAN=scan, num_warps=2)
     return starts, rows
 
 
-def _launch(PASS, q, k, v, acc, stat, stat2, starts, rows, valid, skip=None, do=None, dk=None, dv=None):
-    """One pass of the `keyed` kernel over block-order q, k, v [B, L, H, D] and the row lists.
+def _launch(
+    PASS,
+    q,
+    k,
+    v,
+    acc,
+    stat,
+    stat2,
+    starts,
+    rows,
+    valid,
+    skip=None,
+    do=None,
+    dk=None,
+    dv=None,
+    tiles=DEFAULT_OPTIONS.keyed_tiles,
+):
+    """One pass of the `keyed` kernel over block-order q, k, v [B, L, H, D] and the row lists, on tile
+    `tiles[PASS]` (`KernelOptions.keyed_tiles`).
 
     PASS 0 reads q, k and atomically maxes `stat` (row max, log2 units, [B, H, L]), unless `skip` (bool [] on
     device) is set; PASS 1 also reads v and `stat`, and adds to `acc` (the output's fp32 [B, L, H, D]
@@ -119,32 +136,36 @@ def _launch(PASS, q, k, v, acc, stat, stat2, starts, rows, valid, skip=None, do=
     """
     B, L, H, D = q.shape
     C = (starts.shape[0] - 1) // (B * H)
-    block_m, block_n, warps, stages = TILES[PASS]
-    tiles = L // block_n
+    block_m, block_n, warps, stages = tiles[PASS]
+    key_tiles = L // block_n
     # The forward passes q, k, v where do, dk, dv go: pointers its passes never touch.
-    _kernels().keyed[(tiles, B * H)](
+    _kernels().keyed[(key_tiles, B * H)](
         q, k, v, q if do is None else do, acc, stat, stat2, k if dk is None else dk, v if dv is None else dv,
         starts, rows, valid, starts if skip is None else skip,  # starts[0] == 0: never skip
-        L, C, H, q.stride(0), q.stride(1), tiles // C, D**-0.5 * _LOG2E, D**-0.5,
+        L, C, H, q.stride(0), q.stride(1), key_tiles // C, D**-0.5 * _LOG2E, D**-0.5,
         PASS=PASS, D=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps,
     )  # fmt: skip
 
 
-def accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid, cuda: bool) -> None:
+def accumulate(
+    qb, kb, vb, acc, offsets, row_sum, starts, rows, valid, cuda: bool, tiles=DEFAULT_OPTIONS.keyed_tiles
+) -> None:
     """Forward pass 1 (module docstring): add `exp2(s - offset) @ v` to `acc` and the row sums to `row_sum`,
-    on Hopper's warp-specialised CUDA kernel when `cuda` (`_keyed_cuda.usable`), else on Triton's."""
+    on Hopper's warp-specialised CUDA kernel when `cuda` (`_keyed_cuda.usable`), else on Triton's (`tiles`)."""
     if cuda:
         _keyed_cuda.accumulate(qb, kb, vb, acc, offsets, row_sum, starts, rows, valid)
     else:
-        _launch(1, qb, kb, vb, acc, offsets, row_sum, starts, rows, valid)
+        _launch(1, qb, kb, vb, acc, offsets, row_sum, starts, rows, valid, tiles=tiles)
 
 
-def backward_pass(qb, kb, vb, do, dq, dk, dv, lse, delta, starts, rows, valid, cuda: bool) -> None:
+def backward_pass(
+    qb, kb, vb, do, dq, dk, dv, lse, delta, starts, rows, valid, cuda: bool, tiles=DEFAULT_OPTIONS.keyed_tiles
+) -> None:
     """The backward: add dq to the fp32 `dq`, write `dk`, `dv`; on the CUDA kernel when `cuda`, as above."""
     if cuda:
         _keyed_cuda.backward(qb, kb, vb, do, dq, dk, dv, lse, delta, starts, rows, valid)
     else:
-        _launch(2, qb, kb, vb, dq, lse, delta, starts, rows, valid, do=do, dk=dk, dv=dv)
+        _launch(2, qb, kb, vb, dq, lse, delta, starts, rows, valid, do=do, dk=dk, dv=dv, tiles=tiles)
 
 
 def _rowwise(kernel, *tensors: torch.Tensor) -> None:
@@ -182,17 +203,18 @@ class _Keyed(torch.autograd.Function):
     outside autograd, so on CUDA it is the row gather (`vmoba.gather`) both ways."""
 
     @staticmethod
-    def forward(ctx, q, k, v, starts, rows, valid, order, blocks):
+    def forward(ctx, q, k, v, starts, rows, valid, order, blocks, options: KernelOptions):
         qb, kb, vb = (t.contiguous() for t in (blocks or [order.to_blocks(x) for x in (q, k, v)]))
         offsets, bounded = row_offsets(qb, kb)
         # The bound where it is usable, else -inf for pass 0's exact row max (decided on the device).
         row_max = torch.where(bounded, offsets, -torch.inf)
         row_sum = torch.zeros_like(row_max)
         acc = torch.zeros(qb.shape, dtype=torch.float32, device=q.device)
-        _launch(0, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid, skip=bounded)
+        ctx.tiles = options.keyed_tiles
+        _launch(0, qb, kb, vb, acc, row_max, row_sum, starts, rows, valid, skip=bounded, tiles=ctx.tiles)
         # Hopper: pass 1 and the backward as warp-specialised CUDA kernels (vmoba/_keyed.cu), decided once.
-        ctx.cuda = _keyed_cuda.usable(qb)
-        accumulate(qb, kb, vb, acc, row_max, row_sum, starts, rows, valid, ctx.cuda)
+        ctx.cuda = _keyed_cuda.usable(qb, options.keyed_cuda)
+        accumulate(qb, kb, vb, acc, row_max, row_sum, starts, rows, valid, ctx.cuda, ctx.tiles)
         # Rows that selected nothing (padding) have sum 0: output 0, lse -inf (log2 units).
         out_b, lse = torch.empty_like(qb), torch.empty_like(row_max)
         _rowwise(_kernels().finish, acc, row_max, row_sum, out_b, lse)
@@ -209,9 +231,9 @@ class _Keyed(torch.autograd.Function):
         _rowwise(_kernels().row_dot, grad_b, out_b, delta)
         dq = torch.zeros(qb.shape, dtype=torch.float32, device=qb.device)
         dk, dv = torch.empty_like(kb), torch.empty_like(vb)
-        backward_pass(qb, kb, vb, grad_b, dq, dk, dv, lse, delta, starts, rows, valid, ctx.cuda)
+        backward_pass(qb, kb, vb, grad_b, dq, dk, dv, lse, delta, starts, rows, valid, ctx.cuda, ctx.tiles)
         grads = (ctx.order.from_blocks(g) for g in (dq.to(qb.dtype), dk, dv))
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def keyed_attention(
@@ -223,6 +245,7 @@ def keyed_attention(
     valid: torch.Tensor,
     order=None,
     blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    options: KernelOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """Token- or block-granularity sparse attention through the key-centric Triton kernels.
 
@@ -232,8 +255,9 @@ def keyed_attention(
         sel: bool [B, H, R, C], R = L (token granularity) or C (block granularity); valid: bool [L]; in block
             order L = C * block_slots, block_slots a multiple of `BLOCK_N`.
         order: None, or an object with `to_blocks(x)` ([B, N, H, D] -> [B, L, H, D]) and its inverse
-            `from_blocks(y)`, e.g. `vmoba.attention.BlockOrder`.
+            `from_blocks(y)`, e.g. `vmoba.partition.BlockOrder`.
         blocks: `order.to_blocks` of q, k, v if already computed.
+        options: its `keyed_tiles`, `keyed_scan` and `keyed_cuda` apply.
     Returns:
         [B, N, H, D] in q's dtype, in q's order (zeros at padded query slots of the block order);
         differentiable w.r.t. q, k and v.
@@ -241,5 +265,5 @@ def keyed_attention(
     L = valid.shape[0]
     if block_slots % BLOCK_N or L % block_slots:
         raise ValueError(f"keyed needs blocks of a multiple of {BLOCK_N} slots, got {block_slots}")
-    starts, rows = row_lists(sel, valid, block_slots)
-    return _Keyed.apply(q, k, v, starts, rows, valid.view(torch.uint8), order or SAME_ORDER, blocks)
+    starts, rows = row_lists(sel, valid, block_slots, options.keyed_scan)
+    return _Keyed.apply(q, k, v, starts, rows, valid.view(torch.uint8), order or SAME_ORDER, blocks, options)

@@ -123,9 +123,49 @@ def unpartition_layout(x: torch.Tensor, layout: BlockLayout, out: torch.Tensor |
     return x if out is None else out.copy_(x)
 
 
+@dataclass(frozen=True)
+class BlockOrder:
+    """Raster order <-> block order of one call: `num_prefix` tokens (zero-padded to whole blocks, the first
+    `head` slots), then the video's blocks (`partition_layout`)."""
+
+    layout: BlockLayout
+    num_prefix: int
+
+    @property
+    def head(self) -> int:
+        """Slots before the video's blocks: the prefix rounded up to whole blocks."""
+        return -(-self.num_prefix // self.layout.padded_volume) * self.layout.padded_volume
+
+    @property
+    def padded(self) -> bool:
+        """Whether the block order holds padding slots (grid edges, block rounding or the prefix's block)."""
+        return self.layout.length != self.layout.num_tokens or self.head != self.num_prefix
+
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S + L, ...] raster -> [B, head + C*V, ...] block order."""
+        S = self.num_prefix
+        video = partition_layout(x[:, S:], self.layout)
+        if not S:
+            return video
+        pad = (0, 0) * (x.dim() - 2) + (0, self.head - S)
+        return torch.cat([torch.nn.functional.pad(x[:, :S], pad), video], dim=1)
+
+    def from_blocks(self, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of `to_blocks`: [B, head + C*V, ...] -> [B, S + L, ...] (padding dropped); with `out`
+        (e.g. a head slice of a larger tensor), written there (see `unpartition_layout`)."""
+        if out is not None:
+            out[:, : self.num_prefix] = y[:, : self.num_prefix]
+            unpartition_layout(y[:, self.head :], self.layout, out[:, self.num_prefix :])
+            return out
+        video = unpartition_layout(y[:, self.head :], self.layout)
+        if not self.num_prefix:
+            return video  # no concatenation (a full copy) without a prefix
+        return torch.cat([y[:, : self.num_prefix], video], dim=1)
+
+
 class _SameOrder:
     """The order of kernels' `order` argument when their inputs are already in block order: no-op
-    `to_blocks` / `from_blocks` (the interface of `vmoba.attention.BlockOrder`)."""
+    `to_blocks` / `from_blocks` (the interface of `BlockOrder`)."""
 
     @staticmethod
     def to_blocks(x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ import torch
 
 from .config import GRANULARITIES, SCOPES, SELECTIONS
 from .gather import has_triton
+from .options import DEFAULT_OPTIONS
+from .partition import BlockLayout
 
 
 def block_means(x: torch.Tensor, block_size: int, valid: torch.Tensor) -> torch.Tensor:
@@ -256,3 +258,50 @@ def _check_selection_args(selection, scope, threshold, topk, granularity):
         raise ValueError(f"topk must be an int >= 1, got {topk!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def select(
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    layout: BlockLayout,
+    valid: torch.Tensor,
+    config,
+    kind: str,
+    chunk_bytes: int = DEFAULT_OPTIONS.gate_chunk_bytes,
+) -> torch.Tensor:
+    """The gate and selection of `vmoba_attention`, on the video tokens of one call in block order.
+
+    Args:
+        qb, kb: [B, C*V, H, D] in `layout`'s block order; valid: bool [C*V] (`valid_mask(layout)`);
+        config: a `VMoBAConfig`; kind: the layer's partition ("1d" | "2d" | "3d"), for its top-k;
+        chunk_bytes: fp32 gate scores computed at once (`KernelOptions.gate_chunk_bytes`): scopes that
+            never mix heads take the heads a few at a time; the picks do not depend on it.
+    Returns:
+        bool [B, H, R, C] (R = C*V slots at token granularity, C blocks at block granularity).
+    """
+    token = config.granularity == "token"
+    row_valid = valid if token else torch.ones(layout.num_blocks, dtype=torch.bool, device=qb.device)
+    rules = dict(
+        selection=config.selection, scope=config.scope, threshold=config.threshold, topk=config.topk_for(kind)
+    )
+    rows_per_block = layout.padded_volume if token else 1
+
+    # The block means once for all heads: per chunk they were ~15 more small launches, and the gate is
+    # bound by launches once its kernels are fast (note 27).
+    k_mean = block_means(kb, layout.padded_volume, valid)
+
+    def select_heads(heads: slice) -> torch.Tensor:
+        scores = gate_scores(
+            qb[:, :, heads], k_mean[:, :, heads], layout.padded_volume, valid, config.granularity
+        )
+        return select_from_scores(scores, row_valid, rows_per_block, **rules)
+
+    B, _, H, _ = qb.shape
+    per_head = B * row_valid.shape[0] * layout.num_blocks * 4
+    step = H if config.scope not in ("query", "head") else max(1, min(H, chunk_bytes // per_head))
+    if step == H:
+        return select_heads(slice(None))
+    sel = torch.empty(B, H, row_valid.shape[0], layout.num_blocks, dtype=torch.bool, device=qb.device)
+    for start in range(0, H, step):
+        sel[:, start : start + step] = select_heads(slice(start, start + step))
+    return sel

@@ -3,7 +3,8 @@
 For one grid and top-k density: dense cuDNN forward+backward as the baseline, the gate, then forward
 pass 1 (row max), pass 2 (exp @ v with atomics) and the backward alone for each (gathered queries, keys per
 program, warps, pipeline stages) in `--tiles`, and forward+backward of the best combination against cuDNN,
-in one process. The defaults live in `vmoba.keyed.TILES` (docs/benchmarks.md, notes 16 and 17).
+in one process. The defaults live in `vmoba.KernelOptions.keyed_tiles` (docs/benchmarks.md, notes 16
+and 17).
 
     python scripts/kernels/bench_keyed_tiles.py --grid 24x36x64 --density 0.25
 """
@@ -22,9 +23,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 from bench_attention import parse_grid  # noqa: E402
 from bench_attention import timed as timed_ms  # noqa: E402
 
-from vmoba import VMoBAConfig, keyed  # noqa: E402
-from vmoba.attention import _select, dense_attention  # noqa: E402
+from vmoba import KernelOptions, VMoBAConfig, dense_attention, keyed  # noqa: E402
 from vmoba.partition import block_layout, partition_layout, valid_mask  # noqa: E402
+from vmoba.selection import select  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -52,7 +53,7 @@ def token_selection(grid, density: float, q, k, v):
     valid = valid_mask(layout, q.device)
     qb, kb, vb = (partition_layout(t, layout).contiguous() for t in (q, k, v))
     with torch.no_grad():
-        sel = _select(qb, kb, layout, valid, cfg, "3d")
+        sel = select(qb, kb, layout, valid, cfg, "3d")
     return cfg, layout, valid, (qb, kb, vb), sel
 
 
@@ -79,16 +80,18 @@ def main(argv=None):
     cudnn = timed(dense)
     cfg, layout, valid, (qb, kb, vb), sel = token_selection(grid, args.density, q, k, v)
     with torch.no_grad():
-        gate = timed(lambda: _select(qb, kb, layout, valid, cfg, "3d"))
+        gate = timed(lambda: select(qb, kb, layout, valid, cfg, "3d"))
     lists, valid8 = keyed.row_lists(sel, valid, layout.padded_volume), valid.view(torch.uint8)
     stat = torch.full((1, H, qb.shape[1]), -torch.inf, device="cuda")
     stat2, acc = torch.zeros_like(stat), torch.zeros(qb.shape, device="cuda")
     lse, delta = torch.rand_like(stat) + 5, torch.randn_like(stat)
     dk, dv = torch.empty_like(kb), torch.empty_like(vb)
-    passes = {
-        0: lambda: keyed._launch(0, qb, kb, vb, acc, stat, stat2, *lists, valid8),
-        1: lambda: keyed._launch(1, qb, kb, vb, acc, stat, stat2, *lists, valid8),
-        2: lambda: keyed._launch(2, qb, kb, vb, acc, lse, delta, *lists, valid8, do=grad, dk=dk, dv=dv),
+    passes = {  # each pass on the tiles given
+        0: lambda tiles: keyed._launch(0, qb, kb, vb, acc, stat, stat2, *lists, valid8, tiles=tiles),
+        1: lambda tiles: keyed._launch(1, qb, kb, vb, acc, stat, stat2, *lists, valid8, tiles=tiles),
+        2: lambda tiles: keyed._launch(
+            2, qb, kb, vb, acc, lse, delta, *lists, valid8, do=grad, dk=dk, dv=dv, tiles=tiles
+        ),
     }
     print(
         f"L = {L}, density {sel.float().mean().item():.3f}: cuDNN fwd+bwd {cudnn:.2f} ms, gate {gate:.2f} ms"
@@ -96,28 +99,28 @@ def main(argv=None):
     print(
         "| tile (queries, keys, warps, stages) | fwd pass 1 ms | fwd pass 2 ms | bwd ms |\n| --- | --- | --- | --- |"
     )
-    defaults, best = keyed.TILES, {}
+    defaults, best = KernelOptions().keyed_tiles, {}
     for spec in args.tiles:
         tile = tuple(int(x) for x in spec.split(","))
         row = []
         for n, run in passes.items():
-            keyed.TILES = tuple(tile if i == n else defaults[i] for i in range(3))
+            tiles = tuple(tile if i == n else defaults[i] for i in range(3))
             try:
-                ms = timed(run)
+                ms = timed(lambda run=run, tiles=tiles: run(tiles))
                 best[n] = min(best.get(n, (ms, tile)), (ms, tile))
                 row.append(f"{ms:.2f}")
             except Exception as err:  # e.g. out of shared memory for this tile
                 row.append(f"failed ({type(err).__name__})")
         print(f"| {spec} | " + " | ".join(row) + " |", flush=True)
-    keyed.TILES = tuple(best.get(n, (0, defaults[n]))[1] for n in range(3))
+    options = KernelOptions(keyed_tiles=tuple(best.get(n, (0, defaults[n]))[1] for n in range(3)))
 
     def fwd_bwd():
         x = [t.detach().requires_grad_() for t in (qb, kb, vb)]
-        keyed.keyed_attention(*x, sel, layout.padded_volume, valid).backward(grad)
+        keyed.keyed_attention(*x, sel, layout.padded_volume, valid, options=options).backward(grad)
 
     ms = timed(fwd_bwd)
     print(
-        f"best {keyed.TILES}: fwd+bwd {ms:.2f} ms = {cudnn / ms:.2f}x cuDNN, "
+        f"best {options.keyed_tiles}: fwd+bwd {ms:.2f} ms = {cudnn / ms:.2f}x cuDNN, "
         f"with the gate {cudnn / (ms + gate):.2f}x"
     )
 
