@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from test_train import FAST, cache  # noqa: F401  (the module-scoped latent-cache fixture)
 
-from training.summary import write_job_error, write_sweep_table
+from training.summary import SUMMARY_KEYS, write_job_error, write_sweep_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,23 +38,7 @@ def test_train_multirun_with_a_failed_job_writes_the_table_and_lists_the_failure
 
     table = (sweep / "summary.md").read_text().splitlines()
     # The swept key has its own column; the fixed overrides (train.steps, FAST, ...) do not.
-    assert (
-        table[0]
-        == "| run | data.cache_dir | "
-        + " | ".join(
-            [
-                "final_loss",
-                "val_loss",
-                "recall/mean",
-                "density/mean",
-                "tokens_per_s",
-                "step_time",
-                "mem_gb",
-                "time",
-            ]
-        )
-        + " |"
-    )
+    assert table[0] == "| run | data.cache_dir | " + " | ".join(SUMMARY_KEYS) + " |"
     finished = table[2].split(" | ")
     assert (
         finished[0] == f"| {jobs[0].name}" and finished[1] == cache_dir and math.isfinite(float(finished[2]))
