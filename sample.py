@@ -11,19 +11,14 @@ Options are in configs/sample.yaml (documented in docs/training.md); videos go t
 import dataclasses
 from pathlib import Path
 
-import hydra
 import torch
-from omegaconf import DictConfig
 
-from models.attention import install_attention
-from models.encoders import build_text_encoder, build_vae
-from models.transformer import build_transformer
+from schema import hydra_main
 from training.checkpoint import resolve_transformer_dir
-from training.config import SampleAppConfig, validate
-from training.engine import use_bf16
-from training.model_fn import make_model_fn
+from training.config import SampleAppConfig
 from training.objective import FlowMatching
 from training.sampling import PromptSampler
+from training.stack import build_stack
 
 
 def generate(cfg: SampleAppConfig) -> dict[str, Path]:
@@ -36,31 +31,22 @@ def generate(cfg: SampleAppConfig) -> dict[str, Path]:
                 f"prompts_file={cfg.prompts_file!r}: not a file with at least one non-empty line"
             )
         cfg = dataclasses.replace(cfg, prompts=prompts)
-    dtype_name = "bfloat16" if use_bf16(cfg.precision) else "float32"
-    dtype = getattr(torch, dtype_name)
-    # Loaded in its sampling dtype (diffusers keeps its fp32-sensitive modules then; a later `.to(dtype)`
-    # would not).
-    transformer_cfg = dataclasses.replace(cfg.model.transformer, dtype=dtype_name)
-    if cfg.checkpoint is not None:
-        path = resolve_transformer_dir(cfg.checkpoint, cfg.use_ema)
-        transformer_cfg = dataclasses.replace(
-            transformer_cfg, arch=None, pretrained=str(path), subfolder=None
-        )
+    weights = None if cfg.checkpoint is None else resolve_transformer_dir(cfg.checkpoint, cfg.use_ema)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_transformer(transformer_cfg).to(device).eval()
-    controller = install_attention(model, cfg.attention)
-    objective = FlowMatching(cfg.objective)
-    text_encoder = build_text_encoder(cfg.model.text_encoder).to(device)
-    sampler = PromptSampler(cfg, objective, text_encoder, build_vae(cfg.model.vae).to(device), device)
-    del text_encoder  # prompts are embedded; free its memory before sampling
-    model_fn = make_model_fn(model, cfg.model.family, cfg.objective.num_train_timesteps, dtype)
-    videos = sampler.generate(model_fn, controller, progress=True)
+    # Loaded in its sampling dtype: diffusers keeps its fp32-sensitive modules then.
+    stack = build_stack(
+        cfg.model, cfg.attention, cfg.objective, device, precision=cfg.precision, weights=weights,
+        keep_fp32_modules=True,
+    )  # fmt: skip
+    sampler = PromptSampler(cfg, FlowMatching(cfg.objective), stack.text_encoder, stack.vae, device)
+    stack.text_encoder = None  # prompts are embedded; free its memory before sampling
+    videos = sampler.generate(stack.model_fn(), stack.controller, progress=True)
     return sampler.write(videos, cfg.output_dir)
 
 
-@hydra.main(config_path="configs", config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    paths = generate(validate(SampleAppConfig, cfg))
+@hydra_main(SampleAppConfig, "sample")  # a config error: one line, exit 2
+def main(config: SampleAppConfig) -> None:
+    paths = generate(config)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -14,27 +14,26 @@ import time
 from itertools import islice
 from pathlib import Path
 
-import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from data import build_dataloader
 from data.cache import producer_description
-from models.attention import enable_checkpointing, install_attention
-from models.encoders import build_text_encoder, build_vae
-from models.transformer import build_transformer
-from training.checkpoint import Checkpointer, TrainerState
-from training.config import TrainConfig, load_config
+from schema import hydra_main
+from training.checkpoint import Checkpointer
+from training.config import TrainConfig
 from training.data_stream import DataStream
 from training.ema import EMA
-from training.engine import build_engine, init_distributed, use_bf16
+from training.engine import build_engine, init_distributed
 from training.evaluation import evaluate
+from training.launch import agree_on_run_dir, strip_launcher_args
 from training.logger import RunLogger, memory_gb
-from training.model_fn import make_model_fn
 from training.objective import FlowMatching
+from training.resume import ResumePlan
 from training.sampling import PromptSampler
+from training.stack import build_stack
 from training.summary import write_summary
 from training.sweep import run_dirname  # noqa: F401  (registers the resolver naming sweep run dirs)
 
@@ -53,22 +52,20 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
     """Train per `cfg`, writing everything under `run_dir`; returns the summary (rank 0; {} elsewhere)."""
     run_dir = Path(run_dir)
     rank, world_size, device = init_distributed()
+    agree_on_run_dir(run_dir)
     torch.manual_seed(cfg.seed + rank)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
 
     # Model: the transformer with VMoBA (or full) self-attention, wrapped by the DeepSpeed engine.
-    model = build_transformer(cfg.model.transformer)
-    controller = install_attention(model, cfg.attention)
-    if cfg.train.activation_checkpointing:
-        enable_checkpointing(model, cfg.train.keep_attention, cfg.train.keep_attention_blocks)
-    model.train()
-    engine = build_engine(model, cfg, world_size)
+    stack = build_stack(
+        cfg.model, cfg.attention, cfg.objective, device, precision=cfg.train.precision, train=cfg.train
+    )
+    controller = stack.controller
+    engine = build_engine(stack.transformer, cfg, world_size)
     ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
-    dtype = torch.bfloat16 if use_bf16(cfg.train.precision) else torch.float32
-    model_fn = make_model_fn(engine, cfg.model.family, cfg.objective.num_train_timesteps, dtype)
+    model_fn = stack.model_fn(engine)
     objective = FlowMatching(cfg.objective)
     # Timesteps and noise come from this generator; its state is checkpointed, so a resumed run draws
     # exactly what the uninterrupted run would have.
@@ -93,17 +90,21 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
             "the cache has no validation clips (data.val_keys / data.val_fraction): evaluating on train clips"
         )
         val_batches = [_to(b, device) for b in islice(epoch_loader(0), cfg.eval.num_batches)]
-    text_encoder = build_text_encoder(cfg.model.text_encoder).to(device)
-    sampler = PromptSampler(cfg.sample, objective, text_encoder, build_vae(cfg.model.vae).to(device), device)
-    del text_encoder  # the prompts are embedded once; free its memory for training
+    sampler = PromptSampler(cfg.sample, objective, stack.text_encoder, stack.vae, device)
+    stack.text_encoder = None  # the prompts are embedded once; free its memory for training
 
-    # Resume: from checkpoint.load if set, else from <run_dir>/checkpoints/latest if present.
+    # Resume: from checkpoint.load if set, else from <run_dir>/checkpoints/latest if present (an unreadable
+    # one falls back to the previous kept checkpoint); config changes are checked first (training.resume).
     ckpt = Checkpointer(run_dir / "checkpoints", rank, cfg.checkpoint.keep)
-    state = TrainerState()
-    resume_from = cfg.checkpoint.load or (ckpt.latest() if cfg.checkpoint.resume else None)
+    plan = ResumePlan(cfg, world_size)
+    resume_from, state = ckpt.resume(
+        cfg.checkpoint.load, engine, generators, ema, check=plan.check, from_latest=cfg.checkpoint.resume
+    )
     if resume_from is not None:
-        state = ckpt.load(resume_from, engine, generators, ema)
+        plan.apply(engine, state)  # allowed changes the checkpoint would override (LR, data position)
         stream.load_state_dict(state.data)
+    if rank == 0:  # config.yaml on the first start, config.resume-<step>.yaml on each resume
+        plan.write_config(run_dir, state.step if resume_from is not None else None)
     logger = RunLogger(
         run_dir, cfg.wandb, name=name, config=OmegaConf.to_container(OmegaConf.structured(cfg)),
         total_steps=cfg.train.steps, start_step=state.step, enabled=rank == 0,
@@ -167,16 +168,16 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
             save()
 
     logger.close()
-    return write_summary(run_dir, name) if rank == 0 else {}
+    return write_summary(run_dir, name, device=device.type) if rank == 0 else {}
 
 
-@hydra.main(config_path="configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra_main(TrainConfig, "train")  # validates everything before any work (a user error: one line, exit 2)
+def main(config: TrainConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    config = load_config(cfg)  # validates everything before any work
     name = config.wandb.name or ",".join(hydra_cfg.overrides.task) or "default"
     train(config, hydra_cfg.runtime.output_dir, name)
 
 
 if __name__ == "__main__":
+    strip_launcher_args()  # `deepspeed train.py` passes --local_rank=N, which Hydra would reject
     main()

@@ -32,10 +32,13 @@ import deepspeed  # noqa: E402
 from bench_attention import print_profile  # noqa: E402  (this script's folder is on sys.path)
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from models.attention import enable_checkpointing, install_attention  # noqa: E402
-from models.config import AttentionConfig, TransformerConfig, from_hydra  # noqa: E402
-from models.transformer import TRANSFORMER_ARCHS, build_transformer  # noqa: E402
+from models.attention import install_attention  # noqa: E402
+from models.checkpointing import enable_checkpointing  # noqa: E402
+from models.config import AttentionConfig, TransformerConfig  # noqa: E402
+from models.families import ARCHS  # noqa: E402
+from models.transformer import build_transformer  # noqa: E402
 from models.wan_block import fuse_wan_blocks  # noqa: E402
+from schema import validate  # noqa: E402
 from training.engine import init_distributed  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -46,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--arch",
         default="wan2.1-1.3b",
-        choices=[n for n, a in TRANSFORMER_ARCHS.items() if a.family == "wan"],
+        choices=[n for n, a in ARCHS.items() if a.family == "wan"],
         help="random-init Wan architecture (default: wan2.1-1.3b)",
     )
     p.add_argument("--grid", default="24x36x64", help="token grid TxHxW after patching (default: 24x36x64)")
@@ -82,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=False,
         metavar="N",
         help="the checkpoint's recompute reuses each attention output instead of running attention again, "
-        "in every block or in the first N (models.attention.enable_checkpointing(keep_attention=True, "
+        "in every block or in the first N (models.checkpointing.enable_checkpointing(keep_attention=True, "
         "keep_blocks=N))",
     )
     p.add_argument(
@@ -114,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_attention(name: str, overrides: list[str]) -> AttentionConfig:
     """`configs/attention/<name>.yaml` composed by Hydra (defaults lists included) plus `overrides`."""
     with initialize_config_dir(str(CONFIGS), version_base=None):
-        return from_hydra(AttentionConfig, compose(overrides=[f"+attention={name}", *overrides]).attention)
+        return validate(AttentionConfig, compose(overrides=[f"+attention={name}", *overrides]).attention)
 
 
 def make_engine(model: torch.nn.Module, bf16: bool):

@@ -18,24 +18,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
-
 from data.cache import cache_dataset  # noqa: E402
-from training.config import load_config  # noqa: E402
+from schema import hydra_main  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 
 # train.yaml's run dir is a training run's; the cache's Hydra log belongs with the cache instead.
 HYDRA_DEFAULTS = ["hydra.run.dir=${data.cache_dir}", "hydra.output_subdir=null"]
 
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+# The whole tree, validated as train.py does: bad keys fail before any work. This script's own `+key=`
+# options are not part of the training schema: they come as keyword arguments.
+@hydra_main(TrainConfig, "train", extra_keys=("rank", "world_size", "overwrite"))
+def main(config: TrainConfig, rank=None, world_size=None, overwrite=False) -> None:
     logging.basicConfig(level=logging.INFO)
-    with open_dict(cfg):  # this script's own `+key=` options are not part of the training schema
-        extra = {k: cfg.pop(k) for k in ("rank", "world_size", "overwrite") if k in cfg}
-    rank = int(extra.get("rank", os.environ.get("RANK", 0)))
-    world_size = int(extra.get("world_size", os.environ.get("WORLD_SIZE", 1)))
-    config = load_config(cfg)  # the whole tree, as train.py validates it: bad keys fail before any work
+    rank = int(os.environ.get("RANK", 0) if rank is None else rank)
+    world_size = int(os.environ.get("WORLD_SIZE", 1) if world_size is None else world_size)
     data_cfg = config.data
     manifest = cache_dataset(
         config.model.vae,
@@ -43,7 +40,7 @@ def main(cfg: DictConfig) -> None:
         data_cfg,
         rank=rank,
         world_size=world_size,
-        overwrite=bool(extra.get("overwrite", False)),
+        overwrite=bool(overwrite),
     )
     samples = sum(len(s["items"]) for s in manifest["shards"])
     skipped = len(manifest["skipped"]) + len(manifest["input_skips"])

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import schema
 from training.config import ConfigError, SampleAppConfig, TrainConfig, load_config, validate
 from training.engine import deepspeed_config, lr_lambda
 
@@ -12,8 +13,8 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    """configs/train.yaml as a run composes it; a bad override raises ConfigError naming its key."""
+    return schema.compose("train", overrides)
 
 
 def test_default_train_config_composes_and_validates():

@@ -11,14 +11,16 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.transformers import transformer_wan
 from hydra import compose, initialize_config_dir
-from omegaconf.errors import ConfigKeyError
 
 import vmoba
-from models.attention import FullAttention, VMoBAAttention, enable_checkpointing, install_attention
-from models.config import AttentionConfig, ModelConfig, TransformerConfig, from_hydra
+from models.attention import FullAttention, VMoBAAttention, install_attention
+from models.checkpointing import enable_checkpointing
+from models.config import AttentionConfig, ModelConfig, TransformerConfig
 from models.encoders import TEXT_ARCHS, VAE_ARCHS
-from models.transformer import TRANSFORMER_ARCHS, build_transformer
+from models.families import ARCHS
+from models.transformer import build_transformer
 from models.wan_block import FusedWanTransformerBlock, fuse_wan_blocks
+from schema import ConfigError, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Tiny demo grid blocks (configs/attention/vmoba.yaml): several blocks in every partition of 5x8x8.
@@ -48,48 +50,52 @@ def _run(model, inputs):
 
 
 def test_attention_config_errors_name_the_key():
-    with pytest.raises(ValueError, match=r"attention\.type='sparse'.*\['full', 'vmoba'\]"):
+    with pytest.raises(ValueError, match=r"^type: must be one of \['full', 'vmoba'\], got 'sparse'"):
         AttentionConfig(type="sparse")
-    with pytest.raises(ValueError, match=r"attention\.backend='cuda'.*flash_varlen"):
+    with pytest.raises(ValueError, match=r"^backend: must be one of .*flash_varlen.*got 'cuda'"):
         AttentionConfig(backend="cuda")
-    with pytest.raises(ValueError, match=r"attention\.threshold"):
-        from_hydra(AttentionConfig, {"threshold": 1.5})
-    with pytest.raises(ConfigKeyError, match="blok_1d"):
-        from_hydra(AttentionConfig, {"blok_1d": 2})
+    with pytest.raises(ConfigError, match=r"^threshold must be in \(0, 1\]"):
+        validate(AttentionConfig, {"threshold": 1.5})
+    with pytest.raises(ConfigError, match=r"^blok_1d: Key 'blok_1d' not in 'AttentionConfig'"):
+        validate(AttentionConfig, {"blok_1d": 2})
 
 
 def test_attention_config_to_vmoba_keeps_every_field():
-    cfg = from_hydra(
-        AttentionConfig, {"type": "vmoba", "block_2d": [2, 4], "scope": "head", "threshold": 0.3}
-    )
+    cfg = validate(AttentionConfig, {"type": "vmoba", "block_2d": [2, 4], "scope": "head", "threshold": 0.3})
     v = cfg.to_vmoba()
     assert type(v) is vmoba.VMoBAConfig
     assert (v.block_2d, v.scope, v.threshold) == ((2, 4), "head", 0.3)
 
 
 def test_transformer_and_model_config_errors_name_the_key():
-    with pytest.raises(ValueError, match=r"model\.transformer\.arch='huge'.*'tiny'"):
+    """Keys relative to the schema's own node; `validate` prefixes the node's path."""
+    with pytest.raises(ValueError, match=r"^arch: must be one of \[.*'tiny'.*\], got 'huge'"):
         TransformerConfig(arch="huge")
-    with pytest.raises(ValueError, match=r"model\.transformer\.dtype='int8'"):
+    with pytest.raises(ValueError, match=r"^dtype: must be one of .*, got 'int8'"):
         TransformerConfig(dtype="int8")
-    with pytest.raises(ValueError, match=r"exactly one of model\.transformer\.arch"):
+    with pytest.raises(ValueError, match=r"^arch: exactly one of arch .* and pretrained"):
         TransformerConfig(arch="tiny", pretrained="/some/dir")
-    with pytest.raises(ValueError, match=r"exactly one of model\.transformer\.arch"):
+    with pytest.raises(ValueError, match=r"^arch: exactly one of arch"):
         TransformerConfig(arch=None)
-    with pytest.raises(ValueError, match=r"model\.family='sd3'"):
+    with pytest.raises(ValueError, match=r"^family: must be one of \['wan', 'cogvideox'\], got 'sd3'"):
         ModelConfig(family="sd3")
-    with pytest.raises(ValueError, match=r"model\.transformer\.arch='tiny' is a 'wan'.*\['cogvideox-tiny'"):
-        ModelConfig(family="cogvideox")
+    with pytest.raises(
+        ConfigError,
+        match=r"^transformer\.arch: must be a 'cogvideox' architecture .*\['cogvideox-tiny'.*got 'tiny'",
+    ):
+        validate(ModelConfig, {"family": "cogvideox"})  # errors name the key relative to the node given
+    with pytest.raises(ConfigError, match=r"^transformer\.dtype: must be one of"):
+        validate(ModelConfig, {"transformer": {"dtype": "int8"}})
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")))
 def test_model_yaml_validates(name):
     with initialize_config_dir(str(CONFIGS / "model"), version_base=None):
-        cfg = from_hydra(ModelConfig, compose(config_name=name))
+        cfg = validate(ModelConfig, compose(config_name=name))
     arch = cfg.transformer.arch
-    assert TRANSFORMER_ARCHS[arch].family == cfg.family
+    assert ARCHS[arch].family == cfg.family
     # The transformer's latent channels and text width match the configured VAE and text encoder.
-    kwargs = TRANSFORMER_ARCHS[arch].build.keywords
+    kwargs = ARCHS[arch].build.keywords
     z_dim = VAE_ARCHS[cfg.vae.arch].get(
         "z_dim", inspect.signature(AutoencoderKLWan).parameters["z_dim"].default
     )
@@ -104,7 +110,7 @@ def test_model_yaml_validates(name):
 def test_attention_yamls_compose_with_their_semantics():
     with initialize_config_dir(str(CONFIGS), version_base=None):
         load = {
-            n: from_hydra(AttentionConfig, compose(overrides=[f"+attention={n}"]).attention)
+            n: validate(AttentionConfig, compose(overrides=[f"+attention={n}"]).attention)
             for n in ("full", "vmoba", "vmoba_global", "vmoba_topk", "vmoba_wan2.1", "vmoba_wan2.1_480p")
         }
     assert load["full"].type == "full"

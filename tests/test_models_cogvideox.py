@@ -1,13 +1,14 @@
-"""models/cogvideox.py: the second family (joint text+video attention) through the same processors."""
+"""models/families/cogvideox.py: the second family (joint text+video attention) through the same processors."""
 
 import pytest
 import torch
 from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
 
 import vmoba
-from models.attention import AttentionController, VMoBAAttention, enable_checkpointing, install_attention
-from models.cogvideox import CogVideoXSelfAttnProcessor
+from models.attention import AttentionController, VMoBAAttention, install_attention
+from models.checkpointing import enable_checkpointing
 from models.config import AttentionConfig, TransformerConfig
+from models.families.cogvideox import CogVideoXSelfAttnProcessor
 from models.transformer import build_transformer
 
 TINY_BLOCKS = dict(block_1d=1, block_2d=(2, 4), block_3d=(2, 4, 4), granularity="token")

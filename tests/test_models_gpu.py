@@ -8,15 +8,10 @@ from diffusers import WanTransformer3DModel
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
 from models import wan_block
-from models.attention import (
-    FullAttention,
-    VMoBAAttention,
-    _wan_rope,
-    enable_checkpointing,
-    install_attention,
-    wan_rope,
-)
+from models.attention import FullAttention, VMoBAAttention, install_attention
+from models.checkpointing import enable_checkpointing
 from models.config import AttentionConfig
+from models.families.wan import _wan_rope, wan_rope
 from models.wan_block import fuse_wan_blocks
 
 pytestmark = pytest.mark.gpu

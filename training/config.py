@@ -1,32 +1,20 @@
 """Structured schemas for `configs/train.yaml` and `configs/sample.yaml`, validated when a run starts.
 
-`load_config(cfg)` merges the composed Hydra tree into `TrainConfig`: an unknown key or a value of the
-wrong type fails naming its full key (OmegaConf), and every dataclass's `__post_init__` checks ranges; its
-error is prefixed with the path of the node it belongs to, e.g. `train.lr: must be > 0, got -1.0`.
+`load_config(cfg)` merges the composed Hydra tree into `TrainConfig` (`schema.validate`): an unknown key or
+a value of the wrong type fails naming its full key (OmegaConf), and every dataclass's `__post_init__`
+checks ranges; its error is prefixed with the path of the node it belongs to, e.g.
+`train.lr: must be > 0, got -1.0`. The defaults here are the only ones: the YAML files set what they change.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 from data.config import DataConfig
 from models.config import AttentionConfig, ModelConfig
+from schema import ConfigError, choice, register_schema, require, validate
 
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message starts with the full key."""
-
-
-def _require(ok: bool, key: str, rule: str, value: Any) -> None:
-    if not ok:
-        raise ValueError(f"{key}: {rule}, got {value!r}")
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    _require(value in allowed, key, f"must be one of {list(allowed)}", value)
+__all__ = ["ConfigError", "TrainConfig", "SampleAppConfig", "load_config", "validate"]
 
 
 @dataclass
@@ -34,13 +22,13 @@ class TrainLoopConfig:
     """The `train` node: the optimisation loop. `batch_size` is per rank and micro-step; one optimizer
     step sees `batch_size * grad_accum * world_size` clips."""
 
-    steps: int = 300
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | linear | cosine (decay to min_lr_ratio * lr after warmup)
-    min_lr_ratio: float = 0.0
+    steps: int = 300  # optimizer steps
+    batch_size: int = 1  # clips per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    lr_schedule: str = "cosine"  # constant | linear | cosine (decay to min_lr_ratio * lr after warmup)
+    min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     activation_checkpointing: bool = False
     # With activation checkpointing: keep each block's self-attention output (and what its backward
@@ -53,14 +41,14 @@ class TrainLoopConfig:
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
-            _require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
-        _require(self.lr > 0, "lr", "must be > 0", self.lr)
-        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
-        _choice("lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
-        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
-        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)", self.grad_clip)
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
-        _require(
+            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
+        require(self.lr > 0, "lr", "must be > 0", self.lr)
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
+        choice("lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]", self.min_lr_ratio)
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables)", self.grad_clip)
+        choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        require(
             self.activation_checkpointing or not self.keep_attention,
             "keep_attention",
             "needs train.activation_checkpointing=true (without checkpointing nothing is recomputed)",
@@ -68,8 +56,8 @@ class TrainLoopConfig:
         )
         if self.keep_attention_blocks is not None:
             blocks = self.keep_attention_blocks
-            _require(self.keep_attention, "keep_attention_blocks", "needs train.keep_attention=true", blocks)
-            _require(blocks >= 0, "keep_attention_blocks", "must be >= 0 (null: every block)", blocks)
+            require(self.keep_attention, "keep_attention_blocks", "needs train.keep_attention=true", blocks)
+            require(blocks >= 0, "keep_attention_blocks", "must be >= 0 (null: every block)", blocks)
 
 
 @dataclass
@@ -83,10 +71,10 @@ class ObjectiveConfig:
     num_train_timesteps: int = 1000  # the transformer sees t * num_train_timesteps
 
     def __post_init__(self):
-        _choice("timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal"))
-        _require(self.logit_std > 0, "logit_std", "must be > 0", self.logit_std)
-        _require(self.shift > 0, "shift", "must be > 0", self.shift)
-        _require(
+        choice("timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal"))
+        require(self.logit_std > 0, "logit_std", "must be > 0", self.logit_std)
+        require(self.shift > 0, "shift", "must be > 0", self.shift)
+        require(
             self.num_train_timesteps >= 1, "num_train_timesteps", "must be >= 1", self.num_train_timesteps
         )
 
@@ -102,15 +90,15 @@ class OptimizerConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        _choice("name", self.name, ("adamw", "deepspeed_adam"))
-        _require(
+        choice("name", self.name, ("adamw", "deepspeed_adam"))
+        require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "betas",
             "must be 2 values in [0, 1)",
             self.betas,
         )
-        _require(self.eps > 0, "eps", "must be > 0", self.eps)
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        require(self.eps > 0, "eps", "must be > 0", self.eps)
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
 
 
 @dataclass
@@ -127,23 +115,23 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = 500_000_000
 
     def __post_init__(self):
-        _choice("stage", self.stage, (0, 1, 2, 3))
-        _choice("offload_optimizer", self.offload_optimizer, ("none", "cpu"))
-        _choice("offload_param", self.offload_param, ("none", "cpu"))
-        _require(
+        choice("stage", self.stage, (0, 1, 2, 3))
+        choice("offload_optimizer", self.offload_optimizer, ("none", "cpu"))
+        choice("offload_param", self.offload_param, ("none", "cpu"))
+        require(
             self.offload_param == "none" or self.stage == 3,
             "offload_param",
             "needs stage=3",
             self.offload_param,
         )
-        _require(
+        require(
             self.offload_optimizer == "none" or self.stage >= 1,
             "offload_optimizer",
             "needs stage>=1",
             self.offload_optimizer,
         )
         for key in ("reduce_bucket_size", "allgather_bucket_size"):
-            _require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
+            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
 
 
 @dataclass
@@ -155,7 +143,7 @@ class EMAConfig:
     decay: float = 0.999
 
     def __post_init__(self):
-        _require(0 < self.decay < 1, "decay", "must be in (0, 1)", self.decay)
+        require(0 < self.decay < 1, "decay", "must be in (0, 1)", self.decay)
 
 
 @dataclass
@@ -168,13 +156,13 @@ class EvalConfig:
     batch_size: int = 1
     timesteps: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     seed: int = 1234
-    recall: bool = True
+    recall: bool = True  # VMoBA attention recall per layer (one forward)
 
     def __post_init__(self):
-        _require(self.every >= 0, "every", "must be >= 0 (0 = only at the end)", self.every)
-        _require(self.num_batches >= 1, "num_batches", "must be >= 1", self.num_batches)
-        _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
-        _require(
+        require(self.every >= 0, "every", "must be >= 0 (0 = only at the end)", self.every)
+        require(self.num_batches >= 1, "num_batches", "must be >= 1", self.num_batches)
+        require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        require(
             len(self.timesteps) >= 1 and all(0 < t <= 1 for t in self.timesteps),
             "timesteps",
             "must be values in (0, 1]",
@@ -189,53 +177,62 @@ class GenerationConfig:
 
     prompts: list[str] = field(default_factory=lambda: ["a red ball rolls across a green field"])
     negative_prompt: str = ""
-    seed: int = 42
+    seed: int = 42  # fixed noise: the same seed and prompts give VMoBA and baseline runs the same noise
     steps: int = 20
-    guidance: float = 1.0
-    frames: int = 9
-    height: int = 32
-    width: int = 32
+    guidance: float = 1.0  # classifier-free guidance scale; 1 disables
+    frames: int = 17  # 4k+1 (train.yaml links train.py's samples to the data size)
+    height: int = 128  # a multiple of 16
+    width: int = 128
     fps: int = 8
     shift: float | None = None  # sampling shift; None = objective.shift
 
     def __post_init__(self):
-        _require(len(self.prompts) >= 1, "prompts", "must name at least one prompt", self.prompts)
-        _require(self.steps >= 1, "steps", "must be >= 1", self.steps)
-        _require(
+        require(len(self.prompts) >= 1, "prompts", "must name at least one prompt", self.prompts)
+        require(self.steps >= 1, "steps", "must be >= 1", self.steps)
+        require(
             self.guidance >= 1,
             "guidance",
             "must be >= 1 (1 disables classifier-free guidance)",
             self.guidance,
         )
         for key in ("frames", "height", "width", "fps"):
-            _require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
-        _require(self.shift is None or self.shift > 0, "shift", "must be > 0 or null", self.shift)
+            require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
+        require(self.shift is None or self.shift > 0, "shift", "must be > 0 or null", self.shift)
 
 
 @dataclass
 class SampleConfig(GenerationConfig):
     """The `sample` node of train.py: periodic samples every `every` steps (0 = only at the end)."""
 
-    every: int = 100
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "a red ball rolls across a green field",
+            "a camera pans slowly over a city street at night",
+        ]
+    )
+    every: int = 150
 
     def __post_init__(self):
         super().__post_init__()
-        _require(self.every >= 0, "every", "must be >= 0 (0 = only at the end)", self.every)
+        require(self.every >= 0, "every", "must be >= 0 (0 = only at the end)", self.every)
 
 
 @dataclass
 class CheckpointConfig:
     """The `checkpoint` node: save every `every` steps and at the end, keep the newest `keep`; resume from
-    `<run_dir>/checkpoints/latest` when it exists (or from `load`, a checkpoint dir, when set)."""
+    `<run_dir>/checkpoints/latest` when it exists (or from `load`, a checkpoint dir, when set).
+    `allow_changes`: config keys (or nodes, e.g. `attention`) a resume may change although they alter
+    training (`training.resume`; refused otherwise)."""
 
     every: int = 100
     keep: int = 2
-    resume: bool = True
-    load: str | None = None
+    resume: bool = True  # continue from <run dir>/checkpoints/latest when it exists
+    load: str | None = None  # or resume from this checkpoint dir
+    allow_changes: list[str] = field(default_factory=list)  # e.g. [train.lr]
 
     def __post_init__(self):
-        _require(self.every >= 1, "every", "must be >= 1", self.every)
-        _require(self.keep >= 1, "keep", "must be >= 1", self.keep)
+        require(self.every >= 1, "every", "must be >= 1", self.every)
+        require(self.keep >= 1, "keep", "must be >= 1", self.keep)
 
 
 @dataclass
@@ -249,7 +246,7 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        _choice("mode", self.mode, ("offline", "online", "disabled"))
+        choice("mode", self.mode, ("offline", "online", "disabled"))
 
 
 @dataclass
@@ -268,11 +265,11 @@ class TrainConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    seed: int = 0
+    seed: int = 0  # model-independent seeds: data order, timesteps, noise
 
     def __post_init__(self):
         # EMA keeps full copies of the local parameters; under ZeRO-3 those are shards.
-        _require(
+        require(
             not (self.ema.enabled and self.deepspeed.stage == 3),
             "ema.enabled",
             "is not supported with deepspeed.stage=3",
@@ -290,56 +287,19 @@ class SampleAppConfig(GenerationConfig):
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     checkpoint: str | None = None  # None: the random-init model.transformer (smoke tests, benchmarks)
     use_ema: bool = False
-    output_dir: str = "outputs/samples"
+    output_dir: str = MISSING  # configs/sample.yaml: outputs/samples/<date>_<time> (a Hydra interpolation)
     precision: str = "auto"  # auto | bf16 | fp32
     prompts_file: str | None = None  # one prompt per line; replaces `prompts`
 
     def __post_init__(self):
         super().__post_init__()
-        _choice("precision", self.precision, ("auto", "bf16", "fp32"))
+        choice("precision", self.precision, ("auto", "bf16", "fp32"))
 
 
-def _error_path(node: DictConfig, path: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The path of the deepest sub-node whose own validation raises ValueError."""
-    for key in node:
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (None, dict):
-            try:
-                OmegaConf.to_object(child)
-            except ValueError:
-                return _error_path(child, (*path, str(key)))
-    return path
-
-
-def _with_path(path: tuple[str, ...], message: str) -> str:
-    """Prefix `message` with `path`, merging the part the message already names (`vae.dtype ...`)."""
-    for i in range(len(path)):
-        tail = ".".join(path[i:])
-        if message.startswith(tail) and message[len(tail) : len(tail) + 1] in (".", "=", ":", " "):
-            return ".".join(path[:i] + (message,)) if i else message
-    return ".".join((*path, message))
-
-
-def validate(schema: type[T], cfg: Any) -> T:
-    """Merge `cfg` (DictConfig or dict) into `schema` and return the validated dataclass instance.
-
-    Raises ConfigError whose message starts with the full key of the bad value."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-    except Exception as err:  # OmegaConf's errors carry the full key on a `full_key:` line
-        raise ConfigError(_omegaconf_message(err)) from err
-    try:
-        return OmegaConf.to_object(merged)
-    except ValueError as err:
-        raise ConfigError(_with_path(_error_path(merged), str(err))) from err
-    except Exception as err:
-        raise ConfigError(_omegaconf_message(err)) from err
-
-
-def _omegaconf_message(err: Exception) -> str:
-    lines = str(err).splitlines()
-    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.strip().startswith("full_key:")), "")
-    return f"{key}: {lines[0]}" if key else lines[0]
+# The first entry of configs/train.yaml's and configs/sample.yaml's defaults lists: the schemas' defaults
+# are the config's, so every key can be overridden on the command line and `--cfg job` shows every value.
+register_schema("train_schema", TrainConfig)
+register_schema("sample_schema", SampleAppConfig)
 
 
 def load_config(cfg: DictConfig) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""The second model family: diffusers `CogVideoXTransformer3DModel` (joint text+video self-attention).
+"""The CogVideoX family: diffusers `CogVideoXTransformer3DModel` (joint text+video self-attention).
 
 CogVideoX has no cross-attention: each block's `attn1` runs over one sequence `[text (S) | video (L)]`.
 Text tokens are handled as follows (see docs/models.md, "CogVideoX: text tokens"):
@@ -10,7 +10,7 @@ Text tokens are handled as follows (see docs/models.md, "CogVideoX: text tokens"
 
 The video part runs through the VMoBA kernel on the video grid; the text keys are merged in exactly by
 a log-sum-exp combination (`models.attention`). This module holds the architectures, the processor,
-and the grid rule.
+the grid rule and the `model_fn` call.
 """
 
 from functools import partial
@@ -19,6 +19,8 @@ import torch
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.models.attention_processor import Attention
 from diffusers.models.embeddings import apply_rotary_emb
+
+from models.families.base import Family, Grid, forward_arg
 
 # Tiny CogVideoX: 2 heads x 16, 3 layers (1D/2D/3D all appear), 4 latent channels and text width 32 to
 # match the tiny encoders. Sincos positions (no RoPE, like CogVideoX-2b); the sample size is only the
@@ -57,12 +59,10 @@ _cogvideox_2b = partial(
     max_text_seq_length=226,
 )
 
-COGVIDEOX_ARCHS = {"cogvideox-tiny": _cogvideox_tiny, "cogvideox-2b": _cogvideox_2b}
 
-
-def cogvideox_grid(model: CogVideoXTransformer3DModel, hidden_states: torch.Tensor) -> tuple[int, int, int]:
-    """Token grid (T, H, W) of latents `hidden_states: [B, F, C, H, W]` (CogVideoX puts frames first)."""
-    frames, height, width = hidden_states.shape[1], hidden_states.shape[3], hidden_states.shape[4]
+def cogvideox_grid(model: CogVideoXTransformer3DModel, args: tuple, kwargs: dict) -> Grid:
+    """Token grid (T, H, W) of the forward's latents `hidden_states: [B, F, C, H, W]` (frames first)."""
+    frames, _, height, width = forward_arg(args, kwargs, "hidden_states").shape[1:]
     p, p_t = model.config.patch_size, model.config.patch_size_t or 1
     return frames // p_t, height // p, width // p
 
@@ -108,3 +108,23 @@ class CogVideoXSelfAttnProcessor:
         out = self.kernel(q, k, v, num_text=num_text).flatten(2, 3)  # (B, S+L, H*D)
         out = attn.to_out[1](attn.to_out[0](out))
         return out[:, num_text:], out[:, :num_text]
+
+
+def cogvideox_call(module, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """x [B, C, F, H, W], timestep [B], text [B, S, D] -> [B, C, F, H, W]; CogVideoX itself takes and
+    returns [B, F, C, H, W]."""
+    out = module(
+        hidden_states=x.transpose(1, 2), encoder_hidden_states=text, timestep=timestep, return_dict=False
+    )
+    return out[0].transpose(1, 2)
+
+
+FAMILY = Family(
+    name="cogvideox",
+    model_class=CogVideoXTransformer3DModel,
+    archs={"cogvideox-tiny": _cogvideox_tiny, "cogvideox-2b": _cogvideox_2b},
+    blocks=lambda model: model.transformer_blocks,
+    grid=cogvideox_grid,
+    processor=CogVideoXSelfAttnProcessor,
+    call=cogvideox_call,
+)
