@@ -9,7 +9,8 @@
 5. samples a video from the VMoBA checkpoint,
 6. writes the VMoBA-vs-baseline comparison report.
 
-Every step is resumable: the cache skips finished shards and training resumes from `latest`, so a
+Every step is resumable: the dataset step keeps complete clips, the cache skips finished shards (and
+compares its inputs by content, so kept clips keep it valid) and training resumes from `latest`, so a
 second `make demo` only redoes what is missing. Outputs go under `outputs/demo/`.
 """
 
