@@ -7,6 +7,9 @@ every block has the same volume `ct*ch*cw` and the padding sits at the grid posi
 blocks align with kernel tiles. `valid_mask` marks real tokens: padded keys must be masked and padded
 queries dropped (`unpartition` drops them).
 
+`BlockOrder` is one call's order: an optional prefix (e.g. text tokens, padded to whole blocks) in front of
+the video's blocks, with `to_blocks` / `from_blocks` the way there and back.
+
 On CUDA, outside autograd, both directions run as one Triton row gather through a cached slot index
 (`vmoba.gather`, ~3x faster than the strided copy); elsewhere they are reshape/permute copies.
 """
