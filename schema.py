@@ -154,8 +154,15 @@ def hydra_main(
     def decorator(task: Callable[..., None]) -> Callable[[], None]:
         @functools.wraps(task)  # Hydra unwraps it: the job is named after the task's script (train.log)
         def run(cfg: DictConfig) -> None:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+
             extra = _pop_extra(cfg, extra_keys)
-            task(_exit_on_error(lambda: validate(schema, cfg)), **extra)
+            check = functools.partial(validate, schema, cfg)
+            # In a sweep, a job's config error fails that job only: Hydra records it and runs the others
+            # (training.sweep lists it in the sweep's table); an exit would end the whole sweep.
+            sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+            task(check() if sweep else _exit_on_error(check), **extra)
 
         main = hydra.main(config_path=CONFIGS, config_name=config_name, version_base="1.3")(run)
 

@@ -17,40 +17,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_multirun_with_a_failed_job_writes_the_table_and_lists_the_failure(cache, tmp_path, launch_env):  # noqa: F811
-    """A real `train.py -m`: job 00 trains on the cache, job 01 points at a cache that does not exist."""
-    sweep, missing = tmp_path / "sweep", tmp_path / "no_cache"
-    good = next(o for o in cache if o.startswith("++data.cache_dir="))
-    cache_dir = good.split("=", 1)[1]
+    """A real `train.py -m`: job 00 has a config error (which ends a single run with one line and exit 2),
+    job 01 must still train, and the table must have it and list job 00 with its error line."""
+    sweep = tmp_path / "sweep"
     cmd = [
-        sys.executable, "train.py", "-m", f"++data.cache_dir={cache_dir},{missing}", "train.steps=1",
-        "sample.every=0", *[o for o in cache if o != good], *FAST, f"hydra.sweep.dir={sweep}",
+        sys.executable, "train.py", "-m", "train.lr=-1,0.001", "train.steps=1", "sample.every=0", *cache, *FAST,
+        f"hydra.sweep.dir={sweep}",
     ]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=launch_env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0  # Hydra re-raises the failed job's error once every job has run
-    assert "StaleCacheError" in done.stderr
+    assert "train.lr: must be > 0" in done.stderr
 
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [j.name[:3] for j in jobs] == ["00_", "01_"]
-    assert (jobs[0] / "summary.json").is_file() and not (jobs[1] / "summary.json").exists()
-    error = json.loads((jobs[1] / "error.json").read_text())
-    assert error["error"].startswith("StaleCacheError: ") and "\n" not in error["error"]
+    assert not (jobs[0] / "summary.json").exists() and (jobs[1] / "summary.json").is_file()
+    error = json.loads((jobs[0] / "error.json").read_text())
+    assert error["error"] == "ConfigError: train.lr: must be > 0, got -1.0"
     assert "Traceback" in error["traceback"]
 
     table = (sweep / "summary.md").read_text().splitlines()
     # The swept key has its own column; the fixed overrides (train.steps, FAST, ...) do not.
-    assert table[0] == "| run | data.cache_dir | " + " | ".join(SUMMARY_KEYS) + " |"
+    assert table[0] == "| run | train.lr | " + " | ".join(SUMMARY_KEYS) + " |"
     finished = table[2].split(" | ")
-    assert (
-        finished[0] == f"| {jobs[0].name}" and finished[1] == cache_dir and math.isfinite(float(finished[2]))
-    )
-    assert table[3:6] == ["", "## Failed jobs (1)", ""]
-    assert table[6] == f"- `{jobs[1].name}`: {error['error']}"
+    assert finished[0] == f"| {jobs[1].name}" and finished[1] == "0.001" and math.isfinite(float(finished[2]))
+    assert table[3:] == ["", "## Failed jobs (1)", "", f"- `{jobs[0].name}`: {error['error']}"]
 
     with open(sweep / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["run"], r["status"], r["data.cache_dir"]) for r in rows] == [
-        (jobs[0].name, "finished", cache_dir),
-        (jobs[1].name, "failed", str(missing)),
+    assert [(r["run"], r["status"], r["train.lr"]) for r in rows] == [
+        (jobs[1].name, "finished", "0.001"),
+        (jobs[0].name, "failed", "-1"),
     ]
     assert rows[1]["error"] == error["error"] and rows[1]["final_loss"] == ""
 
