@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from training.checkpoint import Checkpointer
+from training.checkpoint import COMPLETE, Checkpointer, CheckpointError
 from training.data_stream import DataStream
 from training.ema import EMA
 
@@ -32,12 +32,20 @@ def test_data_stream_refuses_an_empty_split():
 def test_latest_pointer_must_name_a_complete_checkpoint(tmp_path):
     ckpt = Checkpointer(tmp_path)
     assert ckpt.latest() is None
-    (tmp_path / "step_000004").mkdir()
+    step = tmp_path / "step_000004"
+    step.mkdir()
     (tmp_path / "latest").write_text("step_000004\n")
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         ckpt.latest()
-    (tmp_path / "step_000004" / "trainer_state.json").write_text("{}")
-    assert ckpt.latest() == tmp_path / "step_000004"
+    (step / "manifest_rank_000.json").write_text("{}")  # a save that did not finish on every rank
+    (step / "trainer_state.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        ckpt.latest()
+    (step / COMPLETE).write_text("{}")
+    assert ckpt.latest() == step
+    (step / "manifest_rank_000.json").unlink()
+    (step / COMPLETE).unlink()  # written before manifests existed: trainer_state.json marks it complete
+    assert ckpt.latest() == step
 
 
 def test_ema_matches_the_recurrence_in_float64_and_swaps_back():
