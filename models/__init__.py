@@ -3,9 +3,11 @@
 Modules (imported explicitly, nothing eager here so `import models.config` stays light):
 
 - `models.config`: `TransformerConfig`, `ModelConfig`, `AttentionConfig` (validated Hydra schemas).
-- `models.transformer`: `build_transformer(cfg)` and the named architectures `TRANSFORMER_ARCHS`.
-- `models.attention`: `install_attention(model, cfg) -> AttentionController`, Wan processors.
+- `models.families`: the registry of model families (`Family`, `FAMILIES`, `ARCHS`); one file per family
+  (`models.families.wan`, `models.families.cogvideox`).
+- `models.transformer`: `build_transformer(cfg)`.
+- `models.attention`: `install_attention(model, cfg) -> AttentionController`, the full / VMoBA kernels.
+- `models.checkpointing`: `enable_checkpointing(model, keep_attention, keep_blocks)`.
 - `models.wan_block`: `fuse_wan_blocks(model)`, Wan blocks with their elementwise chains fused (CUDA).
-- `models.cogvideox`: the second family (CogVideoX, joint text+video attention).
 - `models.encoders`: VAE and text encoder builders.
 """

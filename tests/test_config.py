@@ -1,15 +1,19 @@
 """Hydra composition of configs/train.yaml and configs/sample.yaml, validation errors, DeepSpeed config."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import schema
 from training.config import ConfigError, SampleAppConfig, TrainConfig, load_config, validate
 from training.engine import deepspeed_config, lr_lambda
 
-CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = str(REPO / "configs")
 
 
 def compose_train(*overrides: str):
@@ -124,3 +128,42 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
     assert f(110) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train.lr=-1"], "config error: train.lr: must be > 0, got -1.0"),
+        (
+            ["--cfg", "job", "train.lr=-1"],
+            "config error: train.lr: must be > 0, got -1.0",
+        ),  # --cfg skips the task
+        (["train.steps=abc"], "config error: train.steps: Value 'abc' of type 'str' could not be converted"),
+        (["+train.lrr=1"], "config error: train.lrr: Key 'lrr' not in 'TrainLoopConfig'"),
+    ],
+)
+def test_train_py_prints_one_line_for_a_config_error(args, message, launch_env):
+    run = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=launch_env,
+    )
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [run.stderr.strip()] and run.stderr.startswith(message), (
+        run.stderr
+    )
+    assert "Traceback" not in run.stderr and run.stdout == ""
+
+
+def test_train_py_cfg_job_shows_every_default():
+    """The schema is the config's base: `--cfg job` lists keys no YAML sets, with the dataclass defaults."""
+    run = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--cfg", "job", "train.lr=0.5"], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    shown = OmegaConf.create(run.stdout)
+    assert shown.train.lr == 0.5 and shown.train.warmup_steps == 20 and shown.sample.every == 150
+    assert shown.attention.block_1d == 1 and shown.checkpoint.keep == 2

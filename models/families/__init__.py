@@ -12,9 +12,19 @@ tuple at the bottom (docs/models.md, "Adding a model family").
 from diffusers.models.modeling_utils import ModelMixin
 
 from models.families import cogvideox, wan
-from models.families.base import Arch, Family, Grid
+from models.families.base import Arch, Family, Grid, forward_arg
 
-__all__ = ["ARCHS", "FAMILIES", "Arch", "Family", "Grid", "family_of", "get_family", "register"]
+__all__ = [
+    "ARCHS",
+    "FAMILIES",
+    "Arch",
+    "Family",
+    "Grid",
+    "family_of",
+    "forward_arg",
+    "get_family",
+    "register",
+]
 
 FAMILIES: dict[str, Family] = {}
 ARCHS: dict[str, Arch] = {}
