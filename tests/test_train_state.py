@@ -24,6 +24,17 @@ def test_data_stream_resumes_at_the_same_batch_across_epochs():
     assert head + [next(resumed) for _ in range(6)] == uninterrupted
 
 
+def test_data_stream_names_a_position_past_the_end_of_its_epoch():
+    """A position saved with more batches per epoch (a smaller batch size, a larger split) fails clearly
+    instead of with the bare StopIteration of the skipped loader."""
+    stream = DataStream(make_loader)
+    stream.load_state_dict({"epoch": 1, "batch": 7})
+    with pytest.raises(
+        RuntimeError, match=r"\(epoch 1, batch 7\) is past the end of that epoch, which has 5"
+    ):
+        next(stream)
+
+
 def test_data_stream_refuses_an_empty_split():
     with pytest.raises(RuntimeError, match="yielded no batch"):
         next(DataStream(lambda epoch: []))

@@ -23,8 +23,13 @@ class DataStream:
         for _ in range(2):  # a fresh epoch must yield at least one batch
             if self._iter is None:
                 self._iter = iter(self.make_loader(self.epoch))
-                for _ in range(self.batch):
-                    next(self._iter)
+                for skipped in range(self.batch):
+                    if next(self._iter, None) is None:
+                        raise RuntimeError(
+                            f"the data position to resume at (epoch {self.epoch}, batch {self.batch}) is past "
+                            f"the end of that epoch, which has {skipped} batches: the training split, its "
+                            "cache or train.batch_size changed since the checkpoint"
+                        )
             try:
                 item = next(self._iter)
                 self.batch += 1

@@ -22,6 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 import yaml
 from omegaconf import OmegaConf
 
@@ -141,7 +142,7 @@ class ResumePlan:
             "unmatched": "in only one of the configs (a setting added or removed since)",
         }
         for kind, title in titles.items():
-            if self.changes[kind]:
+            if self.changes[kind] and not (dist.is_initialized() and dist.get_rank() > 0):  # logged once
                 listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.changes[kind].items())
                 log.info(f"resume from {checkpoint}: config changes {title}: {listed}")
 
