@@ -42,7 +42,7 @@ HARMLESS = (
 )  # fmt: skip
 # The number of clips per optimizer step and their split over ranks; `world_size` is not a config key but
 # is compared (and allowed) as one.
-BATCH_GEOMETRY = ("train.batch_size", "train.grad_accum", "world_size")
+BATCH_GEOMETRY = ("train.batch_size", "train.grad_accum", "train.sequence_parallel", "world_size")
 # Restored by DeepSpeed from the checkpoint (LR schedule state, param groups): re-applied when changed.
 SCHEDULE = ("train.lr", "train.warmup_steps", "train.lr_schedule", "train.min_lr_ratio", "train.steps")
 OPTIMIZER_GROUP = {
@@ -118,6 +118,8 @@ class ResumePlan:
     the allowed changes once it is loaded (`apply`)."""
 
     def __init__(self, cfg: TrainConfig, world_size: int):
+        """`world_size`: every rank of the new run, as a checkpoint records it (`complete.json`); with
+        sequence parallelism the data-parallel size follows from it and `train.sequence_parallel`."""
         self.cfg, self.world_size = cfg, world_size
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         self.changes: dict[str, dict] = {"allowed": {}, "harmless": {}, "unmatched": {}}
