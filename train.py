@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from data import build_dataloader
 from data.cache import producer_description
+from models.sequence_parallel import enable_sequence_parallel
 from schema import hydra_main
 from training.checkpoint import Checkpointer
 from training.config import TrainConfig
@@ -31,6 +32,7 @@ from training.evaluation import evaluate
 from training.launch import agree_on_run_dir, strip_launcher_args
 from training.logger import RunLogger, memory_gb
 from training.objective import FlowMatching
+from training.parallel import UlyssesMPU, comm_seconds, init_layout, mean_over
 from training.resume import ResumePlan
 from training.sampling import PromptSampler
 from training.stack import build_stack
@@ -53,7 +55,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
     run_dir = Path(run_dir)
     rank, world_size, device = init_distributed()
     agree_on_run_dir(run_dir)
-    torch.manual_seed(cfg.seed + rank)
+    # Data parallel x sequence parallel: the ranks of one SP group share clips, timesteps and noise, so
+    # everything seeded or sharded per rank uses the data-parallel rank (training.parallel).
+    layout = init_layout(cfg.train.sequence_parallel)
+    dp_rank = layout.dp_rank
+    torch.manual_seed(cfg.seed + dp_rank)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,18 +69,22 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
         cfg.model, cfg.attention, cfg.objective, device, precision=cfg.train.precision, train=cfg.train
     )
     controller = stack.controller
-    engine = build_engine(stack.transformer, cfg, world_size)
+    if layout.sp > 1:
+        enable_sequence_parallel(stack.transformer, controller, layout.sp_group)
+    engine = build_engine(
+        stack.transformer, cfg, layout.dp, mpu=UlyssesMPU(layout) if layout.sp > 1 else None
+    )
     ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
     model_fn = stack.model_fn(engine)
     objective = FlowMatching(cfg.objective)
     # Timesteps and noise come from this generator; its state is checkpointed, so a resumed run draws
     # exactly what the uninterrupted run would have.
-    generators = {"objective": torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + rank)}
+    generators = {"objective": torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + dp_rank)}
 
     # Data: an endless train stream (its position is resumable) and fixed validation batches.
     producer = producer_description(cfg.model.vae, cfg.model.text_encoder, cfg.data)
     loader = build_dataloader(
-        cfg.data, "train", batch_size=cfg.train.batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
+        cfg.data, "train", batch_size=cfg.train.batch_size, rank=dp_rank, world_size=layout.dp, seed=cfg.seed,
         producer=producer,
     )  # fmt: skip
 
@@ -96,6 +106,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
     # Resume: from checkpoint.load if set, else from <run_dir>/checkpoints/latest if present (an unreadable
     # one falls back to the previous kept checkpoint); config changes are checked first (training.resume).
     ckpt = Checkpointer(run_dir / "checkpoints", rank, cfg.checkpoint.keep)
+    # Every rank, as checkpoints record it (complete.json); train.sequence_parallel is compared as a key.
     plan = ResumePlan(cfg, world_size)
     resume_from, state = ckpt.resume(
         cfg.checkpoint.load, engine, generators, ema, check=plan.check, from_latest=cfg.checkpoint.resume
@@ -117,6 +128,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
         ckpt.save(engine, state, generators, ema, config_yaml)
 
     started, start_elapsed = time.perf_counter(), state.elapsed
+    comm_mark = comm_seconds()
 
     def elapsed() -> float:
         return start_elapsed + time.perf_counter() - started
@@ -134,6 +146,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
             engine.step()
             losses.append(loss.detach())
             tokens += batch["latents"].shape[0] * controller.grid[0] * controller.grid[1] * controller.grid[2]
+        # Every data-parallel group's real tokens (its last batches of an epoch may be smaller).
+        tokens_total = torch.tensor(float(tokens), device=device)
+        if layout.dp > 1:
+            dist.all_reduce(tokens_total, group=layout.dp_group)
         state.step += 1
         if ema is not None:
             ema.update(engine.module)
@@ -142,18 +158,30 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
         if _due(state.step, cfg.train.log_every, last):
             loss = torch.stack(losses).mean()
             if world_size > 1:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            densities = {k: v for k, v in controller.stats().items() if k.startswith("density/")}
+                dist.all_reduce(loss)  # a sum (gloo has no AVG); SP ranks hold equal losses
+                loss = loss / world_size
+            # Each rank's density covers its heads (SP) and clips (DP): the run's is their mean.
+            densities = mean_over(dist.group.WORLD, {
+                k: v for k, v in controller.stats().items() if k.startswith("density/")
+            })  # fmt: skip
+            comm, comm_mark = comm_seconds() - comm_mark, comm_seconds()
+            tokens_per_s = tokens_total.item() / step_time
             logger.log(state.step, {
                 "time": elapsed(), "loss": loss, "lr": engine.get_lr()[0],
                 "grad_norm": engine.get_global_grad_norm(), "step_time": step_time,
-                "tokens_per_s": tokens * world_size / step_time, "data_wait": data_wait,
-                "mem_gb": memory_gb(device), **densities,
+                "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / world_size,
+                "data_wait": data_wait, "mem_gb": memory_gb(device), **densities,
+                **({"comm_fraction": comm / step_time} if cfg.deepspeed.comms_logger else {}),
             })  # fmt: skip
         if _due(state.step, cfg.eval.every, last):
             logger.log_eval(
                 state.step,
-                {"time": elapsed(), **evaluate(model_fn, objective, controller, val_batches, cfg.eval)},
+                {
+                    "time": elapsed(),
+                    **mean_over(  # recall/density of this rank's heads under SP
+                        layout.sp_group, evaluate(model_fn, objective, controller, val_batches, cfg.eval)
+                    ),
+                },
             )
         if _due(state.step, cfg.sample.every, last):
             if ema is None:

@@ -19,8 +19,8 @@ __all__ = ["ConfigError", "TrainConfig", "SampleAppConfig", "load_config", "vali
 
 @dataclass
 class TrainLoopConfig:
-    """The `train` node: the optimisation loop. `batch_size` is per rank and micro-step; one optimizer
-    step sees `batch_size * grad_accum * world_size` clips."""
+    """The `train` node: the optimisation loop. `batch_size` is per data-parallel rank and micro-step; one
+    optimizer step sees `batch_size * grad_accum * world_size / sequence_parallel` clips."""
 
     steps: int = 300  # optimizer steps
     batch_size: int = 1  # clips per rank per micro-step
@@ -38,9 +38,12 @@ class TrainLoopConfig:
     keep_attention_blocks: int | None = None
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     log_every: int = 1
+    # Ulysses sequence parallelism: each clip's tokens split over this many ranks (dividing the process
+    # count and the attention heads); the remaining factor is data parallelism (models.sequence_parallel).
+    sequence_parallel: int = 1
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "grad_accum", "log_every"):
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "sequence_parallel"):
             require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
         require(self.lr > 0, "lr", "must be > 0", self.lr)
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
@@ -113,6 +116,10 @@ class DeepSpeedConfig:
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
+    # Time every collective (DeepSpeed's comms logger) and log `comm_fraction` of the step time. Each
+    # timed collective synchronises the device, which serialises ZeRO's overlap: a measurement, not a
+    # default.
+    comms_logger: bool = False
 
     def __post_init__(self):
         choice("stage", self.stage, (0, 1, 2, 3))

@@ -46,7 +46,10 @@ def use_bf16(precision: str) -> bool:
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The DeepSpeed config dict, generated from the validated Hydra values (never a hand-synced JSON)."""
+    """The DeepSpeed config dict, generated from the validated Hydra values (never a hand-synced JSON).
+
+    `world_size` is the data-parallel size: the processes that read different clips (all of them unless
+    sequence parallelism groups several on one clip)."""
     ds = cfg.deepspeed
     zero: dict = {
         "stage": ds.stage,
@@ -72,6 +75,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,  # our logger reports; keep DeepSpeed's own prints quiet
         "wall_clock_breakdown": False,
     }
+    if ds.comms_logger:
+        config["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     if ds.offload_optimizer != "none" and cfg.optimizer.name == "adamw":
         # torch AdamW on offloaded states is allowed but DeepSpeed wants to be told so explicitly.
         config["zero_force_ds_cpu_optimizer"] = False
@@ -111,15 +116,20 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch
     return FusedAdam(params, adam_w_mode=True, **kwargs)
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, world_size: int, mpu=None):
     """Wrap `model` in a DeepSpeed engine with its optimizer and LR schedule (stepped by `engine.step()`
-    at each accumulation boundary, and saved with the engine's checkpoint)."""
+    at each accumulation boundary, and saved with the engine's checkpoint). `world_size` is the
+    data-parallel size; `mpu` the sequence-parallel groups (`training.parallel.UlyssesMPU`) or None."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size),
+        mpu=mpu,
     )
     return engine

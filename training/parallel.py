@@ -105,3 +105,30 @@ class UlyssesMPU:
 
     def get_model_parallel_group(self):
         return None
+
+
+def comm_seconds() -> float:
+    """Seconds spent in collectives so far, by DeepSpeed's comms logger (0 unless
+    `deepspeed.comms_logger=true`): its per-op timers accumulate while the logger is on."""
+    from deepspeed.comm import comm
+
+    if not comm.comms_logger.enabled:
+        return 0.0
+    return sum(t.elapsed(reset=False) for t in comm.timers.get_timers().values()) / 1000
+
+
+def mean_over(group, values: dict) -> dict:
+    """`{name: float or scalar tensor}` averaged over the ranks of `group` (one all-reduce); unchanged when
+    `group` is None or has one rank. Used for statistics each rank measures on its own share: VMoBA's
+    density and recall of its heads (sequence parallel) or of its clips (data parallel)."""
+    if group is None or dist.get_world_size(group) == 1 or not values:
+        return values
+    import torch
+
+    stacked = torch.stack(
+        [torch.as_tensor(v, dtype=torch.float32).reshape(()).cpu() for v in values.values()]
+    )
+    if dist.get_backend(group) == "nccl":
+        stacked = stacked.cuda()
+    dist.all_reduce(stacked, group=group)  # a sum: gloo has no AVG
+    return dict(zip(values, (stacked / dist.get_world_size(group)).tolist(), strict=True))
