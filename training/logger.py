@@ -3,7 +3,10 @@
 import json
 import logging
 import math
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -95,13 +98,20 @@ class RunLogger:
             f"eval step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items() if v is not None)
         )
 
-    def log_videos(self, step: int, videos: dict[str, Path], fps: int) -> None:
-        """Attach sampled mp4s to wandb as videos (`samples/prompt_00`, ...)."""
+    def log_videos(self, step: int, videos: dict[str, Path], captions: dict[str, str] | None = None) -> None:
+        """Attach sampled mp4s to wandb as videos (`samples/prompt_00`, ...), each captioned with its prompt.
+
+        No `fps`: an mp4 carries its frame rate, and wandb warns once per video that `fps` is ignored for a
+        file path."""
         if self.enabled and self.wandb is not None:
             import wandb
 
+            captions = captions or {}
             self.wandb.log(
-                {f"samples/{k}": wandb.Video(str(p), fps=fps, format="mp4") for k, p in videos.items()},
+                {
+                    f"samples/{k}": wandb.Video(str(p), caption=captions.get(k), format="mp4")
+                    for k, p in videos.items()
+                },
                 step=step,
             )
 
@@ -114,6 +124,15 @@ class RunLogger:
                 _log.info(message)
         else:
             self.bar.write(message)
+
+    @contextmanager
+    def timed(self, what: str, step: int) -> Iterator[None]:
+        """`step N: <what> ...` before and `step N: <what> took X.X s` after a long pause of the loop (eval,
+        sampling, a checkpoint), on the console and in `train.log`, so a silent minute is explained."""
+        self.write(f"step {step}: {what} ...")
+        start = time.perf_counter()
+        yield
+        self.write(f"step {step}: {what} took {time.perf_counter() - start:.1f} s")
 
     def close(self) -> None:
         if self.bar is not None:
