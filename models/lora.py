@@ -118,7 +118,9 @@ def to_original(state: dict[str, torch.Tensor], scale: float = 1.0) -> dict[str,
     out = {}
     for key, value in state.items():
         module, part = key.rsplit(".lora_", 1)  # part: "A.weight" | "B.weight"
-        out[f"{ORIGINAL_PREFIX}{_original_name(module)}.lora_{part}"] = value * scale if part[0] == "B" else value
+        out[f"{ORIGINAL_PREFIX}{_original_name(module)}.lora_{part}"] = (
+            value * scale if part[0] == "B" else value
+        )
     return out
 
 

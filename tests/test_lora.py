@@ -34,7 +34,7 @@ def lora_model(rank=4, alpha=8.0, seed=3) -> torch.nn.Module:
     return model
 
 
-def test_lora_trains_only_the_adapter_and_zero3_matches_zero2(cache, tmp_path):
+def test_lora_trains_only_the_adapter_and_zero3_matches_zero2(cache, tmp_path):  # noqa: F811
     """Two LoRA steps under ZeRO-2 and ZeRO-3 (with activation checkpointing keeping the attention, VMoBA)
     give the same adapter; the base weights in the merged export are the initial ones bitwise except
     where the adapter merges in, and the frozen modules (norms, embeddings) are untouched."""
@@ -85,7 +85,7 @@ def test_lora_trains_only_the_adapter_and_zero3_matches_zero2(cache, tmp_path):
     torch.testing.assert_close(merged[f"{key}.weight"], initial[f"{key}.weight"] + delta)
 
 
-def test_lora_engine_optimises_only_the_adapter(cache):
+def test_lora_engine_optimises_only_the_adapter(cache):  # noqa: F811
     """The optimizer the engine builds holds the adapter parameters only (no state for the frozen base)."""
     from training.engine import build_optimizer
     from training.stack import build_stack
@@ -103,7 +103,7 @@ def test_lora_engine_optimises_only_the_adapter(cache):
     assert len(adapters) == 2 * 10 * 3  # A and B of 10 targets in 3 blocks
 
 
-def test_lora_resume_gives_the_uninterrupted_losses(cache, tmp_path):
+def test_lora_resume_gives_the_uninterrupted_losses(cache, tmp_path):  # noqa: F811
     from train import train
 
     overrides = (*LORA, "train.steps=4", "checkpoint.every=2", "checkpoint.keep=3")
