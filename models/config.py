@@ -6,6 +6,8 @@ the error with the node's path. The defaults here are the only ones: configs/mod
 configs/attention/*.yaml set just what they change.
 """
 
+import dataclasses
+import os
 from dataclasses import dataclass, field, fields
 
 from models.encoders import TextEncoderConfig, VAEConfig
@@ -49,11 +51,35 @@ class TransformerConfig:
             choice("arch", self.arch, sorted(ARCHS))
 
 
+# The subfolders of a diffusers pipeline folder (`WanPipeline.save_pretrained`, the released
+# Wan-2.1 `*-Diffusers` repos) that `model.pretrained` reads, per part: (model key, subfolder, what it is).
+PIPELINE_PARTS = (
+    ("transformer", "transformer", "the diffusion transformer"),
+    ("vae", "vae", "the VAE"),
+    ("text_encoder", "text_encoder", "the text encoder"),
+    ("text_encoder", "tokenizer", "the text encoder's tokenizer"),
+)
+
+
+def is_local_path(path: str) -> bool:
+    """Whether `path` names a local folder rather than a hub id (`org/name`): it exists, or it is written as
+    a path (absolute, `./`, `~`, or more than one `/`), so a typo fails as a missing folder, not a download."""
+    return os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
 @dataclass
 class ModelConfig:
-    """The `model` node: model family (`models.families`) plus its transformer, VAE and text encoder."""
+    """The `model` node: model family (`models.families`) plus its transformer, VAE and text encoder.
+
+    `pretrained` (a diffusers pipeline folder or hub id, e.g. a snapshot of
+    Wan-AI/Wan2.1-T2V-1.3B-Diffusers) sets every part that has no `pretrained` of its own to that
+    folder's `transformer/`, `vae/`, `text_encoder/` + `tokenizer/` (`arch` cleared, `subfolder` set); a
+    part's own `pretrained` (e.g. `model.transformer.pretrained=<checkpoint>/transformer`) overrides it.
+    A local folder missing a part fails here, naming the part and the path.
+    """
 
     family: str = "wan"
+    pretrained: str | None = None
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -62,6 +88,8 @@ class ModelConfig:
         from models.families import ARCHS, FAMILIES
 
         choice("family", self.family, list(FAMILIES))
+        if self.pretrained is not None:
+            self._take_parts_from(self.pretrained)
         arch = self.transformer.arch
         if arch is not None:
             family_archs = [name for name, a in ARCHS.items() if a.family == self.family]
@@ -70,6 +98,34 @@ class ModelConfig:
                 "transformer.arch",
                 f"must be a {self.family!r} architecture (model.family), one of {family_archs}",
                 arch,
+            )
+
+    def _take_parts_from(self, pipeline: str) -> None:
+        """Point every part without its own `pretrained` at its subfolder of the pipeline `pipeline`."""
+        local = is_local_path(pipeline)
+        if local:
+            require(
+                os.path.isdir(pipeline), "pretrained", "is not a folder (nor a hub id org/name)", pipeline
+            )
+        for key, sub, what in PIPELINE_PARTS:
+            if getattr(self, key).pretrained is not None:  # set per part: it overrides the pipeline's
+                continue
+            where = os.path.join(pipeline, sub)
+            require(
+                not local or os.path.isdir(where),
+                "pretrained",
+                f"the pipeline folder has no {sub}/ ({what}): {where} is missing; point "
+                f"model.{key}.pretrained at it elsewhere, or use a complete diffusers pipeline folder",
+                pipeline,
+            )
+        changes = {"arch": None, "pretrained": pipeline}
+        if self.transformer.pretrained is None:
+            self.transformer = dataclasses.replace(self.transformer, **changes, subfolder="transformer")
+        if self.vae.pretrained is None:
+            self.vae = dataclasses.replace(self.vae, **changes, subfolder="vae")
+        if self.text_encoder.pretrained is None:
+            self.text_encoder = dataclasses.replace(
+                self.text_encoder, **changes, subfolder="text_encoder", tokenizer_subfolder="tokenizer"
             )
 
 

@@ -97,6 +97,18 @@ def _check_dtype(key: str, dtype: str) -> None:
         raise ValueError(f"{key} must be one of {sorted(DTYPES)}, got {dtype!r}")
 
 
+def load_error(node: str, pretrained: str, subfolder: str | None, err: Exception) -> OSError:
+    """The error for a part that does not load: its key, the folder it looked in, and the cause."""
+    import os
+
+    where = os.path.join(pretrained, subfolder or "")
+    return OSError(
+        f"model.{node}.pretrained={pretrained!r} (subfolder={subfolder!r}): nothing loadable at {where!r} "
+        f"(a diffusers/transformers folder) nor as a hub id (HF_HUB_OFFLINE="
+        f"{os.environ.get('HF_HUB_OFFLINE', '0')}): {type(err).__name__}: {str(err)[:300]}"
+    )
+
+
 def build_vae(cfg: VAEConfig):
     """The VAE (a diffusers ``AutoencoderKLWan``) in eval mode, on CPU, in ``cfg.dtype`` (random from
     seed 0 for ``arch``)."""
@@ -104,7 +116,10 @@ def build_vae(cfg: VAEConfig):
 
     dtype = DTYPES[cfg.dtype]
     if cfg.pretrained is not None:
-        vae = AutoencoderKLWan.from_pretrained(cfg.pretrained, subfolder=cfg.subfolder, torch_dtype=dtype)
+        try:
+            vae = AutoencoderKLWan.from_pretrained(cfg.pretrained, subfolder=cfg.subfolder, torch_dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise load_error("vae", cfg.pretrained, cfg.subfolder, err) from err
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -168,7 +183,10 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     from transformers import AutoConfig, AutoTokenizer, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     if cfg.pretrained is not None:
-        kind = AutoConfig.from_pretrained(cfg.pretrained, subfolder=cfg.subfolder or "").model_type
+        try:
+            kind = AutoConfig.from_pretrained(cfg.pretrained, subfolder=cfg.subfolder or "").model_type
+        except (OSError, ValueError) as err:
+            raise load_error("text_encoder", cfg.pretrained, cfg.subfolder, err) from err
         classes = {"umt5": UMT5EncoderModel, "t5": T5EncoderModel}
         if kind not in classes:
             raise ValueError(
@@ -177,7 +195,10 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
         model = classes[kind].from_pretrained(
             cfg.pretrained, subfolder=cfg.subfolder or "", dtype=DTYPES[cfg.dtype]
         )
-        tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained, subfolder=cfg.tokenizer_subfolder or "")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained, subfolder=cfg.tokenizer_subfolder or "")
+        except (OSError, ValueError) as err:
+            raise load_error("text_encoder", cfg.pretrained, cfg.tokenizer_subfolder, err) from err
     else:
         tokenizer = build_tokenizer()
         with torch.random.fork_rng(devices=[]):

@@ -20,9 +20,26 @@ if TYPE_CHECKING:  # the objective needs only the values, not the config package
 ModelFn = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
+SCHEDULERS = ("euler", "unipc")
+
+
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     """Wan's shift `t' = s t / (1 + (s - 1) t)`: s > 1 moves time toward the noisy end. Any shape."""
     return shift * t / (1 + (shift - 1) * t)
+
+
+def unipc_scheduler(shift: float, num_train_timesteps: int):
+    """diffusers' `UniPCMultistepScheduler` as Wan-2.1's released pipeline configures it (WanPipeline's
+    default; flow prediction, flow sigmas, `flow_shift=shift`): the `unipc` sampler and the scheduler
+    every checkpoint's pipeline export writes (training.export)."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        num_train_timesteps=num_train_timesteps,
+        flow_shift=shift,
+    )
 
 
 class FlowMatching:
@@ -90,21 +107,40 @@ class FlowMatching:
         uncond: object | None = None,
         on_step: Callable[[int], None] | None = None,
         shift: float | None = None,
+        scheduler: str = "euler",
     ) -> torch.Tensor:
-        """Euler integration from `noise [B, C, F, H, W]` (t = 1) to latents `[B, C, F, H, W]` (t = 0).
+        """Integrate from `noise [B, C, F, H, W]` (t = 1) to latents `[B, C, F, H, W]` (t = 0).
 
+        `scheduler="euler"`: Euler steps over `sigmas(steps, shift)`. `"unipc"`: diffusers'
+        `UniPCMultistepScheduler` (`unipc_scheduler`, WanPipeline's default) steps `model_fn`'s velocity,
+        the transformer seeing the scheduler's integer timesteps as WanPipeline feeds them.
         With `guidance > 1` and `uncond` given, classifier-free guidance `v_u + g (v_c - v_u)`.
         `on_step(i)` is called before step `i` (0-based), e.g. to tell VMoBA the denoising step.
         """
-        sigmas = self.sigmas(steps, shift).to(noise.device)
-        x = noise.float()
-        for i in range(steps):
-            if on_step is not None:
-                on_step(i)
-            t = sigmas[i].expand(x.shape[0])
+        shift = self.cfg.shift if shift is None else shift
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             v = model_fn(x, t, cond).float()
             if guidance != 1.0 and uncond is not None:
                 v_uncond = model_fn(x, t, uncond).float()
                 v = v_uncond + guidance * (v - v_uncond)
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
+            return v
+
+        x = noise.float()
+        if scheduler == "unipc":
+            solver = unipc_scheduler(shift, self.cfg.num_train_timesteps)
+            solver.set_timesteps(steps, device=noise.device)
+            for i, timestep in enumerate(solver.timesteps):
+                if on_step is not None:
+                    on_step(i)
+                t = (timestep.float() / self.cfg.num_train_timesteps).expand(x.shape[0])
+                x = solver.step(velocity(x, t), timestep, x, return_dict=False)[0]
+            return x
+        if scheduler != "euler":
+            raise ValueError(f"scheduler must be one of {list(SCHEDULERS)}, got {scheduler!r}")
+        sigmas = self.sigmas(steps, shift).to(noise.device)
+        for i in range(steps):
+            if on_step is not None:
+                on_step(i)
+            x = x + (sigmas[i + 1] - sigmas[i]) * velocity(x, sigmas[i].expand(x.shape[0]))
         return x
