@@ -146,8 +146,8 @@ def hydra_main(
 
     `extra_keys`: the entry point's own `+key=` options, removed before validation and passed to the task
     as keyword arguments (`task(config, rank=3)`). A config error prints `config error: <full key>: <rule>,
-    got <value>` and exits with status 2, also under `--cfg`. `schema` must be registered
-    (`register_schema`) and first in the config's defaults list.
+    got <value>` and exits with status 2, also under `--cfg` and when the task raises one (outside a sweep).
+    `schema` must be registered (`register_schema`) and first in the config's defaults list.
     """
     import hydra
 
@@ -162,7 +162,11 @@ def hydra_main(
             # In a sweep, a job's config error fails that job only: Hydra records it and runs the others
             # (training.sweep lists it in the sweep's table); an exit would end the whole sweep.
             sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-            task(check() if sweep else _exit_on_error(check), **extra)
+            if sweep:
+                task(check(), **extra)
+            else:  # also one the task finds once its models are built (a size their strides reject)
+                config = _exit_on_error(check)
+                _exit_on_error(lambda: task(config, **extra))
 
         main = hydra.main(config_path=CONFIGS, config_name=config_name, version_base="1.3")(run)
 

@@ -100,7 +100,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
             "the cache has no validation clips (data.val_keys / data.val_fraction): evaluating on train clips"
         )
         val_batches = [_to(b, device) for b in islice(epoch_loader(0), cfg.eval.num_batches)]
-    sampler = PromptSampler(cfg.sample, objective, stack.text_encoder, stack.vae, device)
+    sampler = PromptSampler(
+        cfg.sample, objective, stack.text_encoder, stack.vae, device, transformer=stack.transformer
+    )
     stack.text_encoder = None  # the prompts are embedded once; free its memory for training
 
     # Resume: from checkpoint.load if set, else from <run_dir>/checkpoints/latest if present (an unreadable

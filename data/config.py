@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.strides import VideoStrides
+
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 STARTS = ("random", "first")
 CROPS = ("center", "random")
-# Spatial sizes must survive the VAE's 8x downsampling and the transformer's 2x2 patchify.
-SPATIAL_MULTIPLE = 16
+# Clip sizes must map onto whole latent tokens of the model trained on them: no model is built here, so
+# they are checked against every registered model's strides (Wan's VAE 4x/8x, a 2x2 patch).
+STRIDES = VideoStrides()
 
 
 @dataclass
@@ -17,10 +20,11 @@ class DataConfig:
 
     `frames`/`height`/`width` define the single default bucket; `buckets` (a list of `[F, H, W]`)
     replaces it when non-empty. Frames must be `4k + 1` (Wan's VAE: 4x temporal compression), sizes a
-    multiple of 16. Sampling rate: `fps` (resample to this rate) or `stride` (take every n-th frame);
-    neither means every native frame. Training clips start at a seeded random (`train_start="random"`)
-    or the first frame of their span; validation clips always start at the first frame and are
-    center-cropped, so validation is identical across runs.
+    multiple of 16 (its 8x spatial compression x the 2x2 patch: `models.strides`). Sampling rate: `fps`
+    (resample to this rate) or `stride` (take every n-th frame); neither means every native frame.
+    Training clips start at a seeded random (`train_start="random"`) or the first frame of their span;
+    validation clips always start at the first frame and are center-cropped, so validation is identical
+    across runs.
     """
 
     source: str = (
@@ -56,13 +60,8 @@ class DataConfig:
             key = f"data.buckets[{i}]" if self.buckets else "data.frames/height/width"
             if len(bucket) != 3 or any(not isinstance(v, int) or v < 1 for v in bucket):
                 raise ValueError(f"{key} must be three positive ints [F, H, W], got {list(bucket)}")
-            f, h, w = bucket
-            if (f - 1) % 4:
-                raise ValueError(f"{key}: frames must be 4k + 1 (1, 5, 9, 13, 17, ...), got {f}")
-            if h % SPATIAL_MULTIPLE or w % SPATIAL_MULTIPLE:
-                raise ValueError(
-                    f"{key}: height and width must be multiples of {SPATIAL_MULTIPLE}, got {h}x{w}"
-                )
+            dims = [f"buckets[{i}][{j}]" for j in range(3)] if self.buckets else ("frames", "height", "width")
+            STRIDES.check(*bucket, keys=[f"data.{dim}" for dim in dims])
         if len(set(self.bucket_shapes())) != len(self.bucket_shapes()):
             raise ValueError(f"data.buckets has duplicates: {self.buckets}")
         if self.fps is not None and self.stride is not None:

@@ -69,7 +69,7 @@ def test_every_group_option_validates(group):
         ("ema.enabled=true deepspeed=zero3", "ema.enabled: is not supported with deepspeed.stage=3"),
         ("attention.threshold=2", "attention.threshold must be in (0, 1]"),
         ("model.vae.dtype=int8", "model.vae.dtype must be one of"),
-        ("data.frames=10", "data.frames/height/width: frames must be 4k + 1"),
+        ("data.frames=10", "data.frames=10: must be 4k + 1 (VAE 4 x patch 1); use 9 or 13"),
         ("train.keep_attention=true", "train.keep_attention: needs train.activation_checkpointing=true"),
         ("train.keep_attention_blocks=4", "train.keep_attention_blocks: needs train.keep_attention=true"),
         (

@@ -39,9 +39,13 @@ def decoded_codes(pixels):
 def test_config_validation_names_the_key():
     with pytest.raises(ValueError, match="data.source must be set"):
         DataConfig(source="???")
-    with pytest.raises(ValueError, match=r"frames must be 4k \+ 1"):
+    with pytest.raises(
+        ValueError, match=r"^data.frames=16: must be 4k \+ 1 \(VAE 4 x patch 1\); use 13 or 17$"
+    ):
         DataConfig(frames=16)
-    with pytest.raises(ValueError, match=r"data.buckets\[1\].*multiples of 16"):
+    with pytest.raises(
+        ValueError, match=r"^data.buckets\[1\]\[1\]=40: must be a multiple of 16 .*; use 32 or 48$"
+    ):
         DataConfig(buckets=[[17, 32, 32], [17, 40, 32]])
     with pytest.raises(ValueError, match="at most one of data.fps and data.stride"):
         DataConfig(fps=8, stride=2)

@@ -7,6 +7,7 @@ from tqdm import tqdm
 
 from data.video_io import write_video
 from models.encoders import decode_latents
+from models.strides import VideoStrides
 from training.config import GenerationConfig
 from training.objective import FlowMatching, ModelFn
 
@@ -17,17 +18,25 @@ class PromptSampler:
 
     `noise [N, C, F', H', W']` with `F' = (frames - 1) / 4 + 1`, `H' = height / 8`, `W' = width / 8` for
     Wan's VAE (its `scale_factor_temporal/spatial`).
+
+    The size is checked first against the VAE's compression times `transformer`'s patch size
+    (`models.strides`): a ConfigError naming `<node>.height` etc. (`node` "" for sample.py's top level).
     """
 
     def __init__(
-        self, cfg: GenerationConfig, objective: FlowMatching, text_encoder, vae, device: torch.device
+        self,
+        cfg: GenerationConfig,
+        objective: FlowMatching,
+        text_encoder,
+        vae,
+        device: torch.device,
+        *,
+        transformer: torch.nn.Module,
+        node: str = "sample",
     ):
+        keys = [f"{node}.{dim}" if node else dim for dim in ("frames", "height", "width")]
+        VideoStrides.of(vae, transformer).check(cfg.frames, cfg.height, cfg.width, keys=keys)
         ft, fs = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
-        if (cfg.frames - 1) % ft or cfg.height % fs or cfg.width % fs:
-            raise ValueError(
-                f"frames={cfg.frames}, height={cfg.height}, width={cfg.width}: frames must be {ft}k+1 and "
-                f"height/width multiples of {fs} for this VAE"
-            )
         self.cfg, self.objective, self.vae, self.device = cfg, objective, vae, device
         emb, mask = text_encoder.encode(list(cfg.prompts) + [cfg.negative_prompt])
         self.emb, self.mask = emb.to(device), mask.to(device)
@@ -46,17 +55,33 @@ class PromptSampler:
 
         `controller` (from `install_attention`) gets the denoising step, for VMoBA's dense first steps."""
         cfg, videos = self.cfg, []
-        on_step = controller.set_denoising_step if controller is not None else None
         uncond = {"text_emb": self.emb[-1:], "text_mask": self.mask[-1:]}
+        # The bar counts denoising steps of every prompt (a step is seconds on a real model).
+        bar = tqdm(
+            total=len(cfg.prompts) * cfg.steps,
+            desc="sampling",
+            unit="step",
+            disable=not progress,
+            leave=False,
+        )
+
+        def on_step(step: int) -> None:  # called before each step: the ones before it are done
+            bar.update(i * cfg.steps + step - bar.n)
+            if controller is not None:
+                controller.set_denoising_step(step)
+
         try:
-            for i in tqdm(range(len(cfg.prompts)), desc="sampling", disable=not progress, leave=False):
+            for i in range(len(cfg.prompts)):
+                bar.set_postfix_str(f"prompt {i + 1}/{len(cfg.prompts)}")
                 cond = {"text_emb": self.emb[i : i + 1], "text_mask": self.mask[i : i + 1]}
                 latents = self.objective.sample(
                     model_fn, self.noise[i : i + 1].to(self.device), cond, cfg.steps, cfg.guidance,
                     uncond=uncond, on_step=on_step, shift=cfg.shift,
                 )  # fmt: skip
+                bar.update((i + 1) * cfg.steps - bar.n)
                 videos.append(decode_latents(self.vae, latents).float().cpu())
         finally:
+            bar.close()
             if controller is not None:
                 controller.set_denoising_step(None)  # back to training mode
         return torch.cat(videos)

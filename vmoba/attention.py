@@ -5,6 +5,9 @@ The kernel is the registered backend's (`vmoba.backends`); the gate is `vmoba.se
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -37,6 +40,17 @@ def _check_inputs(q, k, v, grid) -> None:
 def _layout(config: VMoBAConfig, grid, layer_idx: int, pad_to: int) -> BlockLayout:
     kind = config.partition_for_layer(layer_idx)
     return block_layout(grid, kind, config.block_for(kind), pad_to)
+
+
+@functools.cache  # once per (partition, grid, top-k): a forward calls it in every layer of that partition
+def _warn_dense_topk(kind: str, grid: tuple[int, int, int], topk: int, num_blocks: int) -> None:
+    """Warn that a top-k covering all `num_blocks` blocks of a layout selects everything: dense attention."""
+    warnings.warn(
+        f"vmoba: topk_{kind}={topk} >= the {num_blocks} blocks of the {kind} partition of the token grid "
+        f"{grid}: every query selects every block, so these layers run dense attention (no sparsity); "
+        f"lower topk_{kind} or block_{kind}",
+        stacklevel=3,  # the caller of vmoba_attention
+    )
 
 
 def selection_stats(sel: torch.Tensor, layout: BlockLayout, valid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -138,6 +152,8 @@ def vmoba_attention(
     kind = config.partition_for_layer(layer_idx)
     runner = resolve(backend, q, config.granularity)
     layout = _layout(config, grid, layer_idx, runner.pad_to)
+    if config.selection == "topk" and config.topk_for(kind) >= layout.num_blocks:
+        _warn_dense_topk(kind, layout.grid, config.topk_for(kind), layout.num_blocks)
     valid = valid_mask(layout, q.device)
     order = BlockOrder(layout, num_prefix)
     # Raster backends (fa4, keyed) differentiate through raster q, k, v themselves, taking the block order
