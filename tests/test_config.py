@@ -66,7 +66,6 @@ def test_every_group_option_validates(group):
         ("train.steps=abc", "train.steps: Value 'abc' of type 'str' could not be converted to Integer"),
         ("+train.lrr=1", "train.lrr: Key 'lrr' not in 'TrainLoopConfig'"),
         ("+bogus=1", "bogus: Key 'bogus' not in 'TrainConfig'"),
-        ("ema.enabled=true deepspeed=zero3", "ema.enabled: is not supported with deepspeed.stage=3"),
         ("attention.threshold=2", "attention.threshold must be in (0, 1]"),
         ("model.vae.dtype=int8", "model.vae.dtype must be one of"),
         ("data.frames=10", "data.frames=10: must be 4k + 1 (VAE 4 x patch 1); use 9 or 13"),

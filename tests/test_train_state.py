@@ -64,13 +64,14 @@ def test_ema_matches_the_recurrence_in_float64_and_swaps_back():
     model = torch.nn.Linear(3, 2)
     ema = EMA(model, decay=0.9)
     reference = {n: p.detach().double().clone() for n, p in model.named_parameters()}
-    for _ in range(5):
+    for t in range(5):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p))
         ema.update(model)
+        d = 0.0 if t == 0 else min(0.9, (1 + t) / (10 + t))  # diffusers' warm-up (training.ema.decay_at)
         for n, p in model.named_parameters():
-            reference[n] = 0.9 * reference[n] + 0.1 * p.detach().double()
+            reference[n] = d * reference[n] + (1 - d) * p.detach().double()
     current = {n: p.detach().clone() for n, p in model.named_parameters()}
     with ema.applied(model):
         for n, p in model.named_parameters():
