@@ -65,11 +65,13 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     """Batches of indices that never mix buckets (latent shapes), sharded over ranks.
 
     Per epoch: indices are grouped by bucket, shuffled within a bucket (when ``shuffle``) with a
-    generator seeded by ``(seed, epoch)``, cut into batches of ``batch_size`` (the last one of a bucket
-    may be smaller, unless ``drop_last``), and the batches are shuffled. The batch list is padded by
-    repeating its first batches to a multiple of ``world_size``, and rank ``r`` takes batches
-    ``r, r + world_size, ...``, so every rank gets the same number of steps. Each pass starts the next
-    epoch; `set_epoch` picks one (e.g. when resuming).
+    generator seeded by ``(seed, epoch)``, cut into global batches of ``batch_size * world_size``, and
+    the global batches are shuffled; rank ``r`` takes slice ``r`` of each. So the clips of a step depend
+    only on the global batch size, not on how it is split over ranks: two ranks of batch 1 see what one
+    rank of batch 2 sees. The last global batch of a bucket may be smaller (dropped with ``drop_last``);
+    with several ranks it is filled up with the bucket's first clips instead, so every rank gets a full
+    share and the same number of steps, and no clip is left out of any epoch (a few appear twice). Each
+    pass starts the next epoch; `set_epoch` picks one (e.g. when resuming).
     """
 
     def __init__(self, shapes, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0,
@@ -90,21 +92,23 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def _batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        size = self.batch_size * self.world_size
         batches = []
         for shape in sorted(self.buckets):
             indices = self.buckets[shape]
             if self.shuffle:
                 indices = [indices[j] for j in torch.randperm(len(indices), generator=generator)]
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start : start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
-                    batches.append(batch)
+            for start in range(0, len(indices), size):
+                batch = indices[start : start + size]
+                if len(batch) < size and self.drop_last:
+                    continue
+                if len(batch) < size and self.world_size > 1:  # wrap around the bucket
+                    batch = (batch + indices * (size // len(indices) + 1))[:size]
+                batches.append(batch)
         if self.shuffle:
             batches = [batches[j] for j in torch.randperm(len(batches), generator=generator)]
-        if batches and len(batches) % self.world_size:
-            pad = self.world_size - len(batches) % self.world_size
-            batches += (batches * (pad // len(batches) + 1))[:pad]
-        return batches[self.rank :: self.world_size]
+        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return [batch[share] for batch in batches]
 
     def __len__(self):
         return len(self._batches(self.epoch))
