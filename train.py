@@ -107,7 +107,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
 
     # Resume: from checkpoint.load if set, else from <run_dir>/checkpoints/latest if present (an unreadable
     # one falls back to the previous kept checkpoint); config changes are checked first (training.resume).
-    ckpt = Checkpointer(run_dir / "checkpoints", rank, cfg.checkpoint.keep)
+    ckpt = Checkpointer(
+        run_dir / "checkpoints", rank, cfg.checkpoint.keep, merge_lora=cfg.train.lora.merge_on_export
+    )
     # Every rank, as checkpoints record it (complete.json); train.sequence_parallel is compared as a key.
     plan = ResumePlan(cfg, world_size)
     resume_from, state = ckpt.resume(

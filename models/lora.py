@@ -157,8 +157,9 @@ def save_adapter(
 
 
 def load_adapter(model: torch.nn.Module, file: str | Path, scale: float = 1.0) -> None:
-    """Load an adapter file (diffusers or original Wan / ComfyUI keys: diffusers' `WanPipeline.lora_state_dict`
-    converts either) into `model` as adapter `ADAPTER`, applied at `scale` (1 = as trained)."""
+    """Load an adapter file (diffusers or original Wan / ComfyUI keys: diffusers'
+    `WanPipeline.lora_state_dict` converts either) into `model` as adapter `ADAPTER`, applied at `scale`
+    (1 = as trained)."""
     from diffusers import WanPipeline
 
     state, metadata = WanPipeline.lora_state_dict(str(file), return_lora_metadata=True)

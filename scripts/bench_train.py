@@ -12,6 +12,7 @@ tokens/s, peak GPU memory, mean VMoBA density, and the speed-up over full attent
     python scripts/bench_train.py --grid 21x30x52 --attention vmoba_wan2.1_480p   # 32,760 tokens
     python scripts/bench_train.py --variant 'attention.selection=threshold'   # one more VMoBA row
     python scripts/bench_train.py --arch tiny --grid 4x8x8       # CPU smoke run (gloo, fp32)
+    python scripts/bench_train.py --lora 64                      # LoRA rank 64 on the frozen model
 """
 
 import argparse
@@ -36,6 +37,7 @@ from models.attention import install_attention  # noqa: E402
 from models.checkpointing import enable_checkpointing  # noqa: E402
 from models.config import AttentionConfig, TransformerConfig  # noqa: E402
 from models.families import ARCHS  # noqa: E402
+from models.lora import apply_lora  # noqa: E402
 from models.transformer import build_transformer  # noqa: E402
 from models.wan_block import fuse_wan_blocks  # noqa: E402
 from schema import validate  # noqa: E402
@@ -96,6 +98,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true", help="after timing, print the CUDA-time breakdown of one more step"
     )
+    p.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="R",
+        help="train rank-R LoRA adapters on the frozen model (models.lora, the default targets) instead of "
+        "every weight; 0 (default): full fine-tuning",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     # --keep-attention alone: every block (True); --keep-attention N: the first N blocks.
@@ -131,7 +141,8 @@ def make_engine(model: torch.nn.Module, bf16: bool):
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]  # the adapters only under --lora
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
@@ -173,10 +184,16 @@ def main(argv=None) -> list[dict]:
     model = build_transformer(TransformerConfig(arch=args.arch, seed=args.seed))
     if args.diffusers_blocks:
         fuse_wan_blocks(model, fused=False)
+    if args.lora:
+        apply_lora(model, args.lora, seed=args.seed)
     if not args.no_checkpointing:
         enable_checkpointing(model, args.keep_attention, args.keep_blocks)
     engine = make_engine(model, bf16)
-    log(f"built {args.arch} and the ZeRO-2 engine on {device}", start)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    what = f"LoRA rank {args.lora}" if args.lora else "full fine-tuning"
+    log(
+        f"built {args.arch} and the ZeRO-2 engine on {device} ({what}: {trained:,} trained parameters)", start
+    )
 
     cfg = model.config
     T, H, W = args.grid

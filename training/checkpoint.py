@@ -4,6 +4,8 @@ Layout of `<run_dir>/checkpoints/step_XXXXXX/`:
     deepspeed/               engine state (weights, optimizer, LR schedule) from `engine.save_checkpoint`
     transformer/             the weights in diffusers format (`from_pretrained` loads it)
     transformer_ema/         the EMA weights, when EMA is on
+    lora/, lora_ema/         LoRA runs (train.lora): the adapter in diffusers and original Wan / ComfyUI
+                             keys (models.lora), instead of transformer/ unless train.lora.merge_on_export
     ema.pt                   EMA state (float32 shadow weights)
     rng_rank_XXX.pt          per-rank RNG states (python, numpy, torch, cuda, named generators)
     trainer_state.json       `TrainerState`: step, data position, elapsed time
@@ -37,13 +39,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.families import family_of
+from models.lora import adapter_metadata, adapter_state_dict, has_lora, save_adapter, save_merged
 from training.ema import EMA
 
 log = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"
 COMPLETE = "complete.json"
-EXPORTS = ("transformer/", "transformer_ema/")  # for sampling; resuming never reads them
+# For sampling; resuming never reads them.
+EXPORTS = ("transformer/", "transformer_ema/", "lora/", "lora_ema/")
 
 
 def manifest_name(rank: int) -> str:
@@ -138,17 +143,34 @@ def _torch_load(checkpoint: Path, file: Path):
         raise _unreadable(checkpoint, file, err) from err
 
 
-def export_transformer(engine, path: Path, rank: int) -> None:
-    """Write the engine's module with `save_pretrained` (gathering ZeRO-3 shards first; collective)."""
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            if rank == 0:
-                module.save_pretrained(path)
-    elif rank == 0:
+def write_export(module, path: Path, merge_lora: bool = False) -> list[Path]:
+    """Write `module` as the diffusers folder `path` (`transformer/`) with `save_pretrained`; returns what
+    it wrote. A module with LoRA adapters (`train.lora`) writes the adapter files into `lora/` beside it
+    instead (`transformer_ema/` -> `lora_ema/`; `models.lora.save_adapter`: diffusers and, for Wan, the
+    original Wan / ComfyUI keys) and, with `merge_lora`, the merged transformer as `path`."""
+    if not has_lora(module):
         module.save_pretrained(path)
+        return [path]
+    lora_dir = path.with_name(path.name.replace("transformer", "lora"))
+    wan = family_of(module).name == "wan"  # the original-key table is Wan's
+    written = [save_adapter(adapter_state_dict(module), adapter_metadata(module), lora_dir, original=wan)]
+    if merge_lora:
+        written.append(save_merged(module, path))
+    return written
+
+
+def export_transformer(engine, path: Path, rank: int, merge_lora: bool = False) -> list[Path]:
+    """`write_export` of the engine's module on rank 0 (gathering ZeRO-3 shards first: collective, every
+    rank calls it; with LoRA and no merge only the adapters are gathered). Returns what rank 0 wrote."""
+    module = engine.module
+    if engine.zero_optimization_stage() != 3:
+        return write_export(module, path, merge_lora) if rank == 0 else []
+    import deepspeed
+
+    lora_only = has_lora(module) and not merge_lora
+    params = [p for p in module.parameters() if p.requires_grad or not lora_only]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return write_export(module, path, merge_lora) if rank == 0 else []
 
 
 def _deepspeed_files(engine, save_dir: Path) -> list[Path]:
@@ -243,8 +265,9 @@ ResumeCheck = Callable[[Path, int], None]
 class Checkpointer:
     """Saves and finds checkpoints under `root` (`<run_dir>/checkpoints`). All ranks call `save`/`load`."""
 
-    def __init__(self, root: str | Path, rank: int = 0, keep: int = 2):
+    def __init__(self, root: str | Path, rank: int = 0, keep: int = 2, merge_lora: bool = False):
         self.root, self.rank, self.keep = Path(root), rank, keep
+        self.merge_lora = merge_lora  # LoRA runs: also export the merged transformer (train.lora)
 
     def latest(self) -> Path | None:
         """The complete checkpoint `latest` names, None without a `latest`; CheckpointError if unusable."""
@@ -282,16 +305,16 @@ class Checkpointer:
         engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
         written = [*_deepspeed_files(engine, tmp), tmp / f"rng_rank_{self.rank:03d}.pt"]
         torch.save(rng_state(generators), written[-1])
-        export_transformer(engine, tmp / "transformer", self.rank)
+        written += export_transformer(engine, tmp / "transformer", self.rank, self.merge_lora)
         if self.rank == 0:
             if ema is not None:
                 torch.save(ema.state_dict(), tmp / "ema.pt")
                 with ema.applied(engine.module) as module:
-                    module.save_pretrained(tmp / "transformer_ema")
-                written += [tmp / "ema.pt", tmp / "transformer_ema"]
+                    written += write_export(module, tmp / "transformer_ema", self.merge_lora)
+                written += [tmp / "ema.pt"]
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
-            written += [tmp / "transformer", tmp / "config.yaml", tmp / "trainer_state.json"]
+            written += [tmp / "config.yaml", tmp / "trainer_state.json"]
         _write_manifest(tmp, self.rank, written)
         _barrier()
         verdict = [None]

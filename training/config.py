@@ -18,6 +18,30 @@ __all__ = ["ConfigError", "TrainConfig", "SampleAppConfig", "load_config", "vali
 
 
 @dataclass
+class LoRAConfig:
+    """The `train.lora` node: train LoRA adapters (peft) on the frozen transformer instead of every weight
+    (`models.lora`). `target_modules`: module-name suffixes (peft's matching), e.g. `attn1.to_q`; null =
+    the q/k/v/o projections of self- and cross-attention and the FFN of every Wan block."""
+
+    rank: int = 0  # 0 = off (full fine-tuning)
+    alpha: float | None = None  # the adapter's scale is alpha / rank; null = rank (scale 1)
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    merge_on_export: bool = False  # also export the merged transformer as transformer/ per checkpoint
+
+    def __post_init__(self):
+        require(self.rank >= 0, "rank", "must be >= 0 (0 = off)", self.rank)
+        require(self.alpha is None or self.alpha > 0, "alpha", "must be > 0 or null (= rank)", self.alpha)
+        require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)", self.dropout)
+        require(
+            self.target_modules is None or len(self.target_modules) >= 1,
+            "target_modules",
+            "must name at least one module, or be null (the default targets)",
+            self.target_modules,
+        )
+
+
+@dataclass
 class TrainLoopConfig:
     """The `train` node: the optimisation loop. `batch_size` is per data-parallel rank and micro-step; one
     optimizer step sees `batch_size * grad_accum * world_size / sequence_parallel` clips."""
@@ -41,6 +65,7 @@ class TrainLoopConfig:
     # Ulysses sequence parallelism: each clip's tokens split over this many ranks (dividing the process
     # count and the attention heads); the remaining factor is data parallelism (models.sequence_parallel).
     sequence_parallel: int = 1
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank > 0: LoRA instead of full fine-tuning
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "grad_accum", "log_every", "sequence_parallel"):
@@ -297,6 +322,12 @@ class SampleAppConfig(GenerationConfig):
     output_dir: str = MISSING  # configs/sample.yaml: outputs/samples/<date>_<time> (a Hydra interpolation)
     precision: str = "auto"  # auto | bf16 | fp32
     prompts_file: str | None = None  # one prompt per line; replaces `prompts`
+    # A LoRA adapter on top of the base model (`model.*`, or `checkpoint`): a LoRA run dir (its latest
+    # checkpoint), a checkpoint dir, its lora/ dir or a .safetensors file (diffusers or original Wan /
+    # ComfyUI keys); `use_ema` picks lora_ema/. `lora_scale` scales the adapter's update (1 = as trained).
+    lora: str | None = None
+    lora_scale: float = 1.0
+
 
     def __post_init__(self):
         super().__post_init__()

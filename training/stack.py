@@ -11,6 +11,7 @@ from models.attention import AttentionController, install_attention
 from models.checkpointing import enable_checkpointing
 from models.config import AttentionConfig, ModelConfig
 from models.encoders import build_text_encoder, build_vae
+from models.lora import apply_lora
 from models.transformer import build_transformer
 from training.config import ObjectiveConfig, TrainLoopConfig
 from training.engine import use_bf16
@@ -56,10 +57,11 @@ def build_stack(
     `encoders=False`).
 
     With `train` (the `train` config node) the transformer stays on the CPU in `model.transformer.dtype`
-    and in train mode, with activation checkpointing as `train` asks: the DeepSpeed engine moves and casts
-    it. Otherwise it goes to `device` in eval mode, in the compute dtype of `precision`: every parameter
-    cast to it (as the DeepSpeed engine trains it, so an evaluation reproduces the trainer's numbers), or
-    with `keep_fp32_modules` loaded in it, where diffusers keeps a pretrained model's fp32-sensitive
+    and in train mode, with activation checkpointing as `train` asks and, with `train.lora.rank > 0`, frozen
+    under LoRA adapters (`models.lora`): the DeepSpeed engine moves and casts it. Otherwise it goes to
+    `device` in eval mode, in the compute dtype of `precision`: every parameter cast to it (as the DeepSpeed
+    engine trains it, so an evaluation reproduces the trainer's numbers), or with `keep_fp32_modules`
+    loaded in it, where diffusers keeps a pretrained model's fp32-sensitive
     modules (norms, time embedding) in fp32, as sampling wants.
     """
     dtype = torch.bfloat16 if use_bf16(precision) else torch.float32
@@ -74,6 +76,13 @@ def build_stack(
     if train is None:
         # Loaded in `dtype` already with keep_fp32_modules; a cast would undo diffusers' fp32 modules.
         transformer = (transformer.to(device) if keep_fp32_modules else transformer.to(device, dtype)).eval()
+    if train is not None and train.lora.rank > 0:
+        # Frozen base + peft adapters injected in place: blocks, processors and checkpointing see the same
+        # module tree; the engine gives optimizer state to the adapters only (they alone require grad).
+        lora = train.lora
+        apply_lora(
+            transformer, lora.rank, lora.alpha, lora.dropout, lora.target_modules, seed=transformer_cfg.seed
+        )
     controller = install_attention(transformer, attention)
     if train is not None and train.activation_checkpointing:
         enable_checkpointing(transformer, train.keep_attention, train.keep_attention_blocks)
