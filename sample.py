@@ -4,6 +4,7 @@
     python sample.py checkpoint=outputs/demo/vmoba/checkpoints/step_000300 attention=full
     python sample.py checkpoint=<diffusers transformer dir> prompts_file=prompts.txt steps=50 guidance=5
     python sample.py checkpoint=... attention=vmoba attention.dense_first_steps=12   # training-free VMoBA
+    python sample.py checkpoint=... scheduler=unipc          # diffusers' UniPC, as WanPipeline samples
     python sample.py model.pretrained=<Wan folder> lora=outputs/lora_run lora_scale=0.8   # base + LoRA
 
 Options are in configs/sample.yaml (documented in docs/training.md); videos go to `output_dir`.

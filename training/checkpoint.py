@@ -9,6 +9,9 @@ Layout of `<run_dir>/checkpoints/step_XXXXXX/`:
     ema.pt                   EMA state (float32 shadow weights)
     rng_rank_XXX.pt          per-rank RNG states (python, numpy, torch, cuda, named generators)
     trainer_state.json       `TrainerState`: step, data position, elapsed time
+    model_index.json, scheduler/, vae/, text_encoder/, tokenizer/, README.md
+                             the rest of a diffusers pipeline (training.export): `WanPipeline.from_pretrained`
+                             loads the checkpoint dir; the shared parts are hard links to `../pipeline/`
     config.yaml              the resolved run config
     manifest_rank_XXX.json   the files rank XXX wrote, with their sizes and CRC-32s
     complete.json            written last, by rank 0, once every rank's manifest and files are there
@@ -42,13 +45,14 @@ import torch.distributed as dist
 from models.families import family_of
 from models.lora import adapter_metadata, adapter_state_dict, has_lora, save_adapter, save_merged
 from training.ema import EMA
+from training.export import PARTS_DIR, export_pipeline
 
 log = logging.getLogger(__name__)
 
 DS_TAG = "deepspeed"
 COMPLETE = "complete.json"
-# For sampling; resuming never reads them.
-EXPORTS = ("transformer/", "transformer_ema/", "lora/", "lora_ema/")
+# For sampling and diffusers (training.export); resuming never reads them: checked for size only.
+EXPORTS = ("transformer/", "transformer_ema/", "lora/", "lora_ema/", "model_index.json", "scheduler/")
 
 
 def manifest_name(rank: int) -> str:
@@ -315,6 +319,8 @@ class Checkpointer:
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
             written += [tmp / "config.yaml", tmp / "trainer_state.json"]
+            if config_yaml:  # the rest of a diffusers pipeline around transformer/ (training.export)
+                written += export_pipeline(tmp, config_yaml, self.root / PARTS_DIR)
         _write_manifest(tmp, self.rank, written)
         _barrier()
         verdict = [None]

@@ -13,6 +13,7 @@ from omegaconf import MISSING, DictConfig
 from data.config import DataConfig
 from models.config import AttentionConfig, ModelConfig
 from schema import ConfigError, choice, register_schema, require, validate
+from training.objective import SCHEDULERS
 
 __all__ = ["ConfigError", "TrainConfig", "SampleAppConfig", "load_config", "validate"]
 
@@ -217,6 +218,9 @@ class GenerationConfig:
     width: int = 128
     fps: int = 8
     shift: float | None = None  # sampling shift; None = objective.shift
+    # euler: our Euler steps over the shifted linspace(1, 0, steps + 1); unipc: diffusers'
+    # UniPCMultistepScheduler as WanPipeline runs it (training.objective, docs/training.md "Sampling")
+    scheduler: str = "euler"
 
     def __post_init__(self):
         require(len(self.prompts) >= 1, "prompts", "must name at least one prompt", self.prompts)
@@ -230,6 +234,7 @@ class GenerationConfig:
         for key in ("frames", "height", "width", "fps"):
             require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
         require(self.shift is None or self.shift > 0, "shift", "must be > 0 or null", self.shift)
+        choice("scheduler", self.scheduler, SCHEDULERS)
 
 
 @dataclass
@@ -261,6 +266,9 @@ class CheckpointConfig:
     resume: bool = True  # continue from <run dir>/checkpoints/latest when it exists
     load: str | None = None  # or resume from this checkpoint dir
     allow_changes: list[str] = field(default_factory=list)  # e.g. [train.lr]
+    # Make each checkpoint a whole diffusers pipeline (model_index.json, scheduler/, vae/, text_encoder/,
+    # tokenizer/ hard-linked to one copy per run: training.export); false: transformer/ only.
+    pipeline: bool = True
 
     def __post_init__(self):
         require(self.every >= 1, "every", "must be >= 1", self.every)

@@ -76,7 +76,7 @@ class PromptSampler:
                 cond = {"text_emb": self.emb[i : i + 1], "text_mask": self.mask[i : i + 1]}
                 latents = self.objective.sample(
                     model_fn, self.noise[i : i + 1].to(self.device), cond, cfg.steps, cfg.guidance,
-                    uncond=uncond, on_step=on_step, shift=cfg.shift,
+                    uncond=uncond, on_step=on_step, shift=cfg.shift, scheduler=cfg.scheduler,
                 )  # fmt: skip
                 bar.update((i + 1) * cfg.steps - bar.n)
                 videos.append(decode_latents(self.vae, latents).float().cpu())
