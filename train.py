@@ -26,9 +26,11 @@ from schema import hydra_main
 from training.checkpoint import Checkpointer
 from training.config import TrainConfig
 from training.data_stream import DataStream
+from training.draws import draw
 from training.ema import EMA
 from training.engine import build_engine, init_distributed
 from training.evaluation import evaluate
+from training.guards import EXIT_CODES, NonFiniteError, NonFiniteSteps, StopRequest, agree, signal_name
 from training.launch import agree_on_run_dir, strip_launcher_args
 from training.logger import RunLogger, memory_gb
 from training.objective import FlowMatching
@@ -77,9 +79,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
     ema = EMA(engine.module, cfg.ema.decay) if cfg.ema.enabled else None
     model_fn = stack.model_fn(engine)
     objective = FlowMatching(cfg.objective)
-    # Timesteps and noise come from this generator; its state is checkpointed, so a resumed run draws
-    # exactly what the uninterrupted run would have.
-    generators = {"objective": torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + dp_rank)}
+    # Timesteps and noise are drawn per sample from (seed, step, its index in the global batch)
+    # (training.draws): a resumed run draws what the uninterrupted one did, with no generator to save.
+    generators: dict[str, torch.Generator] = {}
 
     # Data: an endless train stream (its position is resumable) and fixed validation batches.
     producer = producer_description(cfg.model.vae, cfg.model.text_encoder, cfg.data)
@@ -128,8 +130,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
         logger.write(f"resumed from {resume_from} at step {state.step}")
 
     def save() -> None:
-        state.data, state.elapsed = stream.state_dict(), elapsed()
-        ckpt.save(engine, state, generators, ema, config_yaml)
+        with logger.timed("saving a checkpoint", state.step):
+            state.data, state.elapsed = stream.state_dict(), elapsed()
+            ckpt.save(engine, state, generators, ema, config_yaml)
 
     started, start_elapsed = time.perf_counter(), state.elapsed
     comm_mark = comm_seconds()
@@ -137,23 +140,70 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
     def elapsed() -> float:
         return start_elapsed + time.perf_counter() - started
 
-    # The loop: one iteration = one optimizer step over grad_accum micro-batches.
     last = cfg.train.steps
+    # SIGTERM/SIGINT only set a flag from here on: the loop stops after a step, with a checkpoint.
+    stop, nonfinite = StopRequest(), NonFiniteSteps(cfg.train.max_nan_steps, verbose=rank == 0)
+
+    def stop_now(signum: int) -> None:
+        """Every rank: save (unless this step's checkpoint was just written), close wandb, exit."""
+        if not _due(state.step, cfg.checkpoint.every, last) or state.step == 0:
+            save()
+        code = EXIT_CODES[signum]
+        logger.write(
+            f"{signal_name(signum)}: stopped at step {state.step} with a checkpoint (exit {code}); the same "
+            "command resumes from it"
+        )
+        logger.close()
+        stop.restore()
+        raise SystemExit(code)
+
+    # The loop: one iteration = one optimizer step over grad_accum micro-batches.
     while state.step < last:
-        step_start, data_wait, losses, tokens = time.perf_counter(), 0.0, [], 0
-        for _ in range(cfg.train.grad_accum):
+        step_start, data_wait, losses, tokens, keys = time.perf_counter(), 0.0, [], 0, []
+        for micro in range(cfg.train.grad_accum):
             wait_start = time.perf_counter()
             batch = _to(next(stream), device)
             data_wait += time.perf_counter() - wait_start
-            loss = objective.loss(model_fn, batch["latents"], batch, generator=generators["objective"])
+            t, noise = draw(
+                objective, batch["latents"].shape, seed=cfg.seed, step=state.step, micro=micro,
+                first_index=dp_rank * cfg.train.batch_size, device=device,
+            )  # fmt: skip
+            loss = objective.loss(model_fn, batch["latents"], batch, t=t, noise=noise)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())
+            keys += batch["key"]
             tokens += batch["latents"].shape[0] * controller.grid[0] * controller.grid[1] * controller.grid[2]
         # Every data-parallel group's real tokens (its last batches of an epoch may be smaller).
         tokens_total = torch.tensor(float(tokens), device=device)
         if layout.dp > 1:
             dist.all_reduce(tokens_total, group=layout.dp_group)
+        # One all-reduce per step: a stop signal on any rank, a NaN/Inf loss on any rank. A non-finite
+        # loss gives a non-finite global grad norm, on which DeepSpeed's ZeRO optimizer (stages 1-3)
+        # skips the update itself: grads zeroed, no optimizer or LR-scheduler step, engine.skipped_steps
+        # counted (and checkpointed); every rank sees the same all-reduced norm, so all skip together.
+        signum, bad_loss = agree([stop.signum, float(not torch.isfinite(torch.stack(losses)).all())], device)
+        signum = int(signum)
+        if bad_loss or not engine.was_step_applied():
+            if engine.was_step_applied():  # ZeRO stage 0 has no such check: the update went in
+                raise NonFiniteError(
+                    f"step {state.step + 1}: a NaN/Inf loss was applied (deepspeed.stage=0 cannot skip an "
+                    "update); use deepspeed.stage>=1 and resume from the last checkpoint"
+                )
+            every_key: list[list[str]] = [keys] * world_size
+            if world_size > 1:
+                dist.all_gather_object(every_key, keys)
+            why = "NaN/Inf loss" if bad_loss else "NaN/Inf gradient norm"
+            try:
+                nonfinite.skipped(state.step + 1, [k for ks in every_key for k in ks], why)
+            except NonFiniteError:
+                logger.close()
+                stop.restore()
+                raise
+            if signum:
+                stop_now(signum)
+            continue  # the same step again, on the next batches
+        nonfinite.ok()
         state.step += 1
         if ema is not None:
             ema.update(engine.module)
@@ -174,31 +224,33 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
                 "time": elapsed(), "loss": loss, "lr": engine.get_lr()[0],
                 "grad_norm": engine.get_global_grad_norm(), "step_time": step_time,
                 "tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / world_size,
-                "data_wait": data_wait, "mem_gb": memory_gb(device), **densities,
+                "data_wait": data_wait, "mem_gb": memory_gb(device), "skipped_steps": engine.skipped_steps,
+                **densities,
                 **({"comm_fraction": comm / step_time} if cfg.deepspeed.comms_logger else {}),
             })  # fmt: skip
         if _due(state.step, cfg.eval.every, last):
-            logger.log_eval(
-                state.step,
-                {
-                    "time": elapsed(),
-                    **mean_over(  # recall/density of this rank's heads under SP
-                        layout.sp_group, evaluate(model_fn, objective, controller, val_batches, cfg.eval)
-                    ),
-                },
-            )
+            eval_time = elapsed()
+            with logger.timed("evaluating", state.step):
+                evaluation = mean_over(  # recall/density of this rank's heads under SP
+                    layout.sp_group, evaluate(model_fn, objective, controller, val_batches, cfg.eval)
+                )
+            logger.log_eval(state.step, {"time": eval_time, **evaluation})
         if _due(state.step, cfg.sample.every, last):
-            if ema is None:
-                videos = sampler.generate(model_fn, controller)
-            else:
-                with ema.applied(engine.module):
+            with logger.timed(f"sampling {len(cfg.sample.prompts)} prompt(s)", state.step):
+                if ema is None:
                     videos = sampler.generate(model_fn, controller)
-            if rank == 0:
-                paths = sampler.write(videos, run_dir / "samples" / f"step_{state.step:06d}")
-                logger.log_videos(state.step, paths, cfg.sample.fps)
+                else:
+                    with ema.applied(engine.module):
+                        videos = sampler.generate(model_fn, controller)
+                if rank == 0:
+                    paths = sampler.write(videos, run_dir / "samples" / f"step_{state.step:06d}")
+                    logger.log_videos(state.step, paths, sampler.captions(paths))
         if _due(state.step, cfg.checkpoint.every, last):
             save()
+        if signum:
+            stop_now(signum)
 
+    stop.restore()
     logger.close()
     return write_summary(run_dir, name, device=device.type) if rank == 0 else {}
 

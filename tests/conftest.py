@@ -42,9 +42,14 @@ def attend_calls(monkeypatch):
     return spy
 
 
-@pytest.fixture
-def launch_env() -> dict[str, str]:
+def fresh_env() -> dict[str, str]:
     """Environment for a fresh `train.py`/script subprocess: in-process DeepSpeed tests keep a one-process
     group alive for the whole session and leave its rendezvous variables set; a child must make its own."""
     launcher = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     return {k: v for k, v in os.environ.items() if k not in launcher}
+
+
+@pytest.fixture
+def launch_env() -> dict[str, str]:
+    """`fresh_env()` as a fixture."""
+    return fresh_env()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh_env
 from safetensors.torch import load_file
 
 from data.cache import cache_dataset
@@ -129,32 +130,64 @@ def _assert_close(run: Path, reference: Path) -> None:
     assert diff <= 1e-4 * update
 
 
-def test_deepspeed_launcher_data_and_sequence_parallel_match_one_process(four_clips, tmp_path, launch_env):
-    """`deepspeed --num_gpus 2 train.py` exactly as documented (the launcher passes --local_rank, and the
-    default timestamped run dir must be one directory for both ranks), with 2 data-parallel ranks of batch
-    1, and with train.sequence_parallel=2 (one clip of batch 2 split over both ranks), against one process
-    of batch 2."""
-    single = tmp_path / "single"
-    _run(
-        [sys.executable, "train.py", "train.batch_size=2", *four_clips, f"hydra.run.dir={single}"],
-        ROOT,
-        launch_env,
-    )
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
 
-    deepspeed = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+
+def _deepspeed(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus 2 train.py <args>` exactly as documented, from `cwd`, on a free port."""
+    return _run([*DEEPSPEED, "--master_port", str(_free_port()), str(ROOT / "train.py"), *args], cwd, env)
+
+
+@pytest.fixture(scope="module")
+def runs(four_clips, tmp_path_factory) -> dict:
+    """One process of batch 2; `deepspeed --num_gpus 2` with 2 data-parallel ranks of batch 1 and with
+    train.sequence_parallel=2 (one clip of batch 2 split over both ranks). The launched runs use the
+    default timestamped run dir, which must be one directory for both ranks."""
+    env = fresh_env()
+    root = tmp_path_factory.mktemp("runs")
+    out = {"single": root / "single", "four_clips": four_clips}
+    _run(
+        [sys.executable, "train.py", "train.batch_size=2", *four_clips, f"hydra.run.dir={out['single']}"],
+        ROOT,
+        env,
+    )
     for name, overrides in {
         "dp": ["train.batch_size=1"],
         "sp": ["train.batch_size=2", "train.sequence_parallel=2"],
     }.items():
-        cwd = tmp_path / name
+        cwd = root / name
         cwd.mkdir()
-        port = ["--master_port", str(_free_port())]
-        _run([*deepspeed, *port, str(ROOT / "train.py"), *overrides, *four_clips], cwd, launch_env)
-        (run,) = (cwd / "outputs" / "runs").iterdir()  # both ranks agreed on one stamped dir
-        complete = json.loads(
-            (
-                run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip() / "complete.json"
-            ).read_text()
-        )
-        assert complete["world_size"] == 2, complete
-        _assert_close(run, single)
+        _deepspeed([*overrides, *four_clips], cwd, env)
+        (out[name],) = (cwd / "outputs" / "runs").iterdir()  # both ranks agreed on one stamped dir
+    return out
+
+
+@pytest.mark.parametrize("name", ["dp", "sp"])
+def test_deepspeed_launcher_data_and_sequence_parallel_match_one_process(runs, name):
+    run = runs[name]
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((latest / "complete.json").read_text())["world_size"] == 2
+    _assert_close(run, runs["single"])
+
+
+@pytest.mark.parametrize("saved, resumed", [("dp", "single"), ("single", "dp")])
+def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back(runs, saved, resumed, tmp_path):
+    """Step 2's checkpoint of one layout resumes on the other with the same global batch (the changed keys
+    allowed): step 3's loss, computed from the restored weights on the next epoch's clips with the same
+    draws, equals the uninterrupted run's; the optimizer moments restart (said in the log)."""
+    env = fresh_env()
+    checkpoint = runs[saved] / "checkpoints" / "step_000002"
+    layout = {"single": ["train.batch_size=2"], "dp": ["train.batch_size=1"]}[resumed]
+    args = [
+        *layout, *runs["four_clips"], f"checkpoint.load={checkpoint}", f"hydra.run.dir={tmp_path}",
+        "checkpoint.allow_changes=[world_size,train.batch_size]",
+    ]  # fmt: skip
+    if resumed == "single":
+        done = _run([sys.executable, "train.py", *args], ROOT, env)
+    else:
+        done = _deepspeed(args, tmp_path, env)
+    assert "the optimizer's moments restart from zero" in done.stdout + done.stderr
+    ((step, loss),) = [
+        (r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+    ]
+    assert step == 3 and abs(loss - _losses(runs["single"])[2]) <= TOL * abs(loss)

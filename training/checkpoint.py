@@ -310,11 +310,12 @@ class Checkpointer:
         written = [*_deepspeed_files(engine, tmp), tmp / f"rng_rank_{self.rank:03d}.pt"]
         torch.save(rng_state(generators), written[-1])
         written += export_transformer(engine, tmp / "transformer", self.rank, self.merge_lora)
+        if ema is not None:  # every rank: under ZeRO-3 swapping the averages in and exporting gather shards
+            with ema.applied(engine.module):
+                written += export_transformer(engine, tmp / "transformer_ema", self.rank, self.merge_lora)
         if self.rank == 0:
             if ema is not None:
                 torch.save(ema.state_dict(), tmp / "ema.pt")
-                with ema.applied(engine.module) as module:
-                    written += write_export(module, tmp / "transformer_ema", self.merge_lora)
                 written += [tmp / "ema.pt"]
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
@@ -379,14 +380,27 @@ class Checkpointer:
             raise CheckpointError(error)
         if check is not None:
             check(path, saved_world)
+        # ZeRO's optimizer shards are cut for the number of ranks that saved them: on another number the
+        # weights, LR schedule and counters load and Adam's moments restart from zero (docs/training.md).
+        resharded = saved_world != _world_size()
         try:
-            load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG)
-        except Exception as err:  # files verified above: a mismatch (another model, ZeRO stage, world size)
+            load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=not resharded)
+        except Exception as err:  # files verified above: a mismatch (another model, ZeRO stage)
             raise CheckpointError(
                 f"checkpoint {path}: DeepSpeed could not load {path / DS_TAG} ({type(err).__name__}: {err})"
             ) from err
         if load_path is None:
             raise CheckpointError(f"checkpoint {path}: no DeepSpeed state in {path / DS_TAG}")
+        if resharded:
+            # A fresh optimizer holds the schedule's first LR until its next step: take the restored one.
+            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+            if self.rank == 0:
+                log.warning(
+                    "checkpoint %s was saved by %d ranks and resumes on %d: weights, LR schedule, step, EMA and "
+                    "data epoch restored; the optimizer's moments restart from zero (ZeRO shards its states "
+                    "per rank)", path, saved_world, _world_size(),
+                )  # fmt: skip
         if rng is not None:
             set_rng_state(rng, generators)
         if ema is not None:

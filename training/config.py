@@ -66,10 +66,13 @@ class TrainLoopConfig:
     # Ulysses sequence parallelism: each clip's tokens split over this many ranks (dividing the process
     # count and the attention heads); the remaining factor is data parallelism (models.sequence_parallel).
     sequence_parallel: int = 1
+    # Stop after this many optimizer steps in a row were skipped for a NaN/Inf loss or gradient norm
+    # (each skipped step leaves the weights, the step count and the LR schedule as they were).
+    max_nan_steps: int = 5
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # rank > 0: LoRA instead of full fine-tuning
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "grad_accum", "log_every", "sequence_parallel"):
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "sequence_parallel", "max_nan_steps"):
             require(getattr(self, key) >= 1, key, "must be >= 1", getattr(self, key))
         require(self.lr > 0, "lr", "must be > 0", self.lr)
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
@@ -173,7 +176,7 @@ class EMAConfig:
     `transformer_ema/` next to `transformer/` in each checkpoint)."""
 
     enabled: bool = False
-    decay: float = 0.999
+    decay: float = 0.999  # the ceiling; step t uses min(decay, (1 + t) / (10 + t)) (training.ema)
 
     def __post_init__(self):
         require(0 < self.decay < 1, "decay", "must be in (0, 1)", self.decay)
@@ -307,15 +310,6 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     seed: int = 0  # model-independent seeds: data order, timesteps, noise
 
-    def __post_init__(self):
-        # EMA keeps full copies of the local parameters; under ZeRO-3 those are shards.
-        require(
-            not (self.ema.enabled and self.deepspeed.stage == 3),
-            "ema.enabled",
-            "is not supported with deepspeed.stage=3",
-            True,
-        )
-
 
 @dataclass
 class SampleAppConfig(GenerationConfig):
@@ -335,7 +329,6 @@ class SampleAppConfig(GenerationConfig):
     # ComfyUI keys); `use_ema` picks lora_ema/. `lora_scale` scales the adapter's update (1 = as trained).
     lora: str | None = None
     lora_scale: float = 1.0
-
 
     def __post_init__(self):
         super().__post_init__()

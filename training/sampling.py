@@ -86,6 +86,10 @@ class PromptSampler:
                 controller.set_denoising_step(None)  # back to training mode
         return torch.cat(videos)
 
+    def captions(self, written: dict[str, Path]) -> dict[str, str]:
+        """The prompt of each video `write` returned, by its key (`prompt_00`, ...)."""
+        return {key: self.cfg.prompts[int(key.removeprefix("prompt_"))] for key in written}
+
     def write(self, videos: torch.Tensor, out_dir: str | Path) -> dict[str, Path]:
         """Write `videos [N, 3, F, H, W]` as `out_dir/prompt_XX.mp4` (and the prompts as prompts.txt)."""
         out_dir = Path(out_dir)
