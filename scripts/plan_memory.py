@@ -57,6 +57,9 @@ MEASURED = [
     (55_296, "full", 15, 41.2, "2026-11-29"),
     (110_592, "block", None, 41.5, "2026-12-04"),
     (221_184, "block", None, 62.9, "2026-12-04"),
+    # grids 48x72x128 and 64x72x128; the longest with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    (442_368, "block", None, 106.3, "2026-12-04"),
+    (589_824, "block", None, 135.9, "2026-12-04"),
 ]
 MEASURED_DEVICE = "NVIDIA H200 (bench_train.py, wan2.1-1.3b, ZeRO-2, torch AdamW, bf16, checkpointing)"
 
