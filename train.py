@@ -30,7 +30,15 @@ from training.draws import draw
 from training.ema import EMA
 from training.engine import build_engine, init_distributed
 from training.evaluation import evaluate
-from training.guards import EXIT_CODES, NonFiniteError, NonFiniteSteps, StopRequest, agree, signal_name
+from training.guards import (
+    EXIT_CODES,
+    NonFiniteError,
+    NonFiniteSteps,
+    StopRequest,
+    agree,
+    signal_name,
+    together,
+)
 from training.launch import agree_on_run_dir, strip_launcher_args
 from training.logger import RunLogger, memory_gb
 from training.objective import FlowMatching
@@ -162,7 +170,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
         step_start, data_wait, losses, tokens, keys = time.perf_counter(), 0.0, [], 0, []
         for micro in range(cfg.train.grad_accum):
             wait_start = time.perf_counter()
-            batch = _to(next(stream), device)
+            batch = _to(together(lambda: next(stream), device), device)  # a bad sample stops every rank
             data_wait += time.perf_counter() - wait_start
             t, noise = draw(
                 objective, batch["latents"].shape, seed=cfg.seed, step=state.step, micro=micro,

@@ -17,6 +17,10 @@ SPLITS = ("train", "val")
 log = logging.getLogger(__name__)
 
 
+class CorruptCacheError(RuntimeError):
+    """A cache shard that passed validation (it exists, with its recorded size) but cannot be read."""
+
+
 class CachedLatentDataset(torch.utils.data.Dataset):
     """Samples of one split of a validated latent cache (see `data.cache.load_manifest`).
 
@@ -56,8 +60,17 @@ class CachedLatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = self.items[i]
-        shard = self._shard(item["file"])
-        tensors = {k: shard.get_tensor(f"{item['index']}.{k}") for k in ("latents", "text_emb", "text_mask")}
+        try:
+            shard = self._shard(item["file"])
+            tensors = {
+                k: shard.get_tensor(f"{item['index']}.{k}") for k in ("latents", "text_emb", "text_mask")
+            }
+        except Exception as err:  # safetensors names neither the file nor the sample
+            raise CorruptCacheError(
+                f"sample {item['key']!r} of {self.cache_dir / item['file']} cannot be read "
+                f"({type(err).__name__}: {err}); the cache file is corrupt: delete it and re-run "
+                "scripts/cache_latents.py with the same overrides (it re-encodes only the missing shards)"
+            ) from err
         return {**tensors, "caption": item["caption"], "key": item["key"]}
 
 

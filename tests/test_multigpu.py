@@ -75,13 +75,16 @@ def four_clips(tmp_path_factory) -> list[str]:
         video = torch.sin(x + 0.3 * (i + 1) * t + phase) * torch.cos(y - 0.2 * t + i)
         write_video(root / "clips" / f"clip{i}.mp4", video.clamp(-1, 1), fps=8)
         (root / "clips" / f"clip{i}.txt").write_text(f"clip number {i}")
-    data = dict(source=root / "clips", cache_dir=root / "cache", frames=9, height=32, width=32, num_workers=0)
+    data = dict(
+        source=root / "clips", cache_dir=root / "cache", frames=9, height=32, width=32, num_workers=0,
+        shard_size=1,  # a shard per clip: one can be corrupted under one rank only
+    )  # fmt: skip
     overrides = [f"++data.{k}={v}" for k, v in data.items()] + ["++data.val_keys=[clip4]"]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = load_config(compose(config_name="train", overrides=overrides))
     cache_dataset(cfg.model.vae, cfg.model.text_encoder, cfg.data, progress=False)
     return [
-        *overrides,
+        *overrides,  # data.cache_dir first: a test may point it at a copy
         "++attention.block_2d=[1,2]",
         "++attention.block_3d=[2,1,2]",
         "wandb.mode=disabled",
@@ -191,3 +194,42 @@ def test_a_checkpoint_of_two_ranks_resumes_on_one_and_back(runs, saved, resumed,
         (r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
     ]
     assert step == 3 and abs(loss - _losses(runs["single"])[2]) <= TOL * abs(loss)
+
+
+def test_a_corrupt_cache_entry_met_by_one_rank_stops_both_naming_it(four_clips, tmp_path):
+    """Two ranks under torchrun; the shard of the first clip rank 1 reads has a broken header of the same
+    size (so the cache still validates): rank 1 fails naming the file and the sample, and rank 0 stops
+    saying which rank failed, instead of waiting for it in the next collective."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from data.loader import CachedLatentDataset
+    from training.config import load_config
+
+    cache = tmp_path / "cache"
+    source = next(o for o in four_clips if o.startswith("++data.cache_dir=")).split("=", 1)[1]
+    shutil.copytree(source, cache)
+    overrides = [o for o in four_clips if not o.startswith("++data.cache_dir=")] + [
+        f"++data.cache_dir={cache}"
+    ]
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = load_config(compose(config_name="train", overrides=overrides))
+    dataset = CachedLatentDataset(cfg.data, "train")
+    sampler = BucketBatchSampler(dataset.shapes(), 1, shuffle=True, seed=cfg.seed, rank=1, world_size=2)
+    item = dataset.items[next(iter(sampler))[0]]
+    shard = cache / item["file"]
+    data = bytearray(shard.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 : 8 + header] = b"}" * header  # same size: not JSON any more
+    shard.write_bytes(bytes(data))
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [*torchrun, "train.py", "train.batch_size=1", *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=fresh_env(), capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert f"sample {item['key']!r} of {shard} cannot be read" in out, out[-3000:]
+    assert "rank(s) [1] could not load their batch" in out, out[-3000:]

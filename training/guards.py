@@ -1,16 +1,19 @@
-"""What stops or skips a training step: preemption / Ctrl-C (`StopRequest`) and non-finite steps
-(`NonFiniteSteps`). Both are decided by every rank together, so that all ranks stop, skip and save at the
+"""What stops or skips a training step: preemption / Ctrl-C (`StopRequest`), non-finite steps
+(`NonFiniteSteps`) and a batch that cannot be loaded (`together`). All are decided by every rank together, so that all ranks stop, skip and save at the
 same step (a rank that leaves alone would hang the others in their next collective)."""
 
 import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The exit status for each stop signal: a preemption that saved is a clean exit (schedulers requeue on 0
 # or by their own rules); Ctrl-C exits 128 + SIGINT as shells report it.
@@ -27,6 +30,33 @@ def agree(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return flags.tolist()
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed where this one did not; raised so that no rank waits for one that is gone."""
+
+
+def together(fetch: Callable[[], T], device: torch.device) -> T:
+    """`fetch()` on every rank, failing on every rank if it fails on any: the failing ranks raise their
+    own error, the others a `PeerFailure` naming them (one small all-reduce). Without it a rank that cannot
+    load its batch dies while the others wait in the next collective until the launcher or a timeout
+    ends them, with no word of why."""
+    try:
+        item, error = fetch(), None
+    except Exception as err:  # re-raised below, after the others have heard of it
+        item, error = None, err
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        failed = torch.zeros(dist.get_world_size(), device=device)
+        failed[dist.get_rank()] = float(error is not None)
+        dist.all_reduce(failed)
+        ranks = failed.nonzero().flatten().tolist()
+        if ranks and error is None:
+            raise PeerFailure(
+                f"rank(s) {ranks} could not load their batch (their error is in their log); stopping"
+            )
+    if error is not None:
+        raise error
+    return item
 
 
 class StopRequest:
