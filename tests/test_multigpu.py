@@ -213,7 +213,6 @@ def test_a_corrupt_cache_entry_met_by_one_rank_stops_both_naming_it(four_clips, 
     overrides = [o for o in four_clips if not o.startswith("++data.cache_dir=")] + [
         f"++data.cache_dir={cache}"
     ]
-    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = load_config(compose(config_name="train", overrides=overrides))
