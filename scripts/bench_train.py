@@ -79,10 +79,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU, fp32 on CPU"
     )
     p.add_argument("--no-checkpointing", action="store_true", help="disable activation checkpointing")
-    p.add_argument(
+    only = p.add_mutually_exclusive_group()
+    only.add_argument(
         "--no-full",
         action="store_true",
         help="skip the full-attention baseline (long clips, where its step takes minutes)",
+    )
+    only.add_argument(
+        "--full-only", action="store_true", help="only the full-attention baseline (VMoBA measured apart)"
     )
     p.add_argument(
         "--keep-attention",
@@ -176,10 +180,14 @@ def log(message: str, start: float) -> None:
 def main(argv=None) -> list[dict]:
     start = time.perf_counter()
     args = parse_args(argv)
-    runs = [(f"vmoba ({args.attention})", load_attention(args.attention, args.overrides))]
+    runs = (
+        []
+        if args.full_only
+        else [(f"vmoba ({args.attention})", load_attention(args.attention, args.overrides))]
+    )
     runs += [
         (f"vmoba ({args.attention}: {v})", load_attention(args.attention, [*args.overrides, *v.split()]))
-        for v in args.variant
+        for v in ([] if args.full_only else args.variant)
     ]
     if not args.no_full:
         runs.append(("full", AttentionConfig(type="full")))
@@ -257,7 +265,7 @@ def main(argv=None) -> list[dict]:
             f"| {r['attention']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | "
             f"{r['density']:.3f} | {speedup} |"
         )
-    if full_s is not None:
+    if full_s is not None and not args.full_only:
         print(f"\nfull/VMoBA step-time ratio: {full_s / rows[0]['step_s']:.2f}")
     return rows
 
