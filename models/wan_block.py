@@ -5,8 +5,9 @@ gated residuals as chains of fp32 elementwise ops: upcast, layer norm, `* (1 + s
 upcast, `+ out * gate`, downcast. Eagerly each op is a kernel reading and writing [B, L, C] in fp32 (340 MB
 per tensor at 55K tokens and width 1536), forward, checkpoint recompute and backward, in every layer.
 `fuse_wan_blocks` swaps each block's class for one whose forward does the same math through three small
-functions that Inductor compiles into one kernel each way (docs/benchmarks.md, note 23). The whole block
-is not compiled: PyTorch mis-shapes the gradient of the broadcast modulation table there (note 15).
+functions that Inductor compiles into one kernel each way (docs/notes/23-fused-wan-elementwise.md). The
+whole block is not compiled: PyTorch mis-shapes the gradient of the broadcast modulation table there
+(docs/notes/15-regional-compilation.md).
 On the CPU the functions run eagerly, so the block is bitwise the diffusers one.
 """
 
@@ -54,7 +55,8 @@ def fused_on_cuda(fn, x: torch.Tensor):
 
 
 # The modulations enter the compiled functions flattened: as [1, 1, C] (batch 1) Inductor's backward
-# gives them a [C] gradient, which autograd rejects (pytorch/pytorch#178080, note 15's error again).
+# gives them a [C] gradient, which autograd rejects (pytorch/pytorch#178080, the error of
+# docs/notes/15-regional-compilation.md again).
 def modulated_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
     """`layer_norm(x) * (1 + scale) + shift` in fp32, fused: x [B, L, C]; scale, shift fp32 [B, 1 or L, C]."""
     return fused_on_cuda(_modulated_norm, x)(x, scale.flatten(), shift.flatten(), eps)

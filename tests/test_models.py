@@ -114,8 +114,8 @@ def test_attention_yamls_compose_with_their_semantics():
             for n in ("full", "vmoba", "vmoba_global", "vmoba_topk", "vmoba_wan2.1", "vmoba_wan2.1_480p")
         }
     assert load["full"].type == "full"
-    seed = load["vmoba"]
-    assert (seed.type, seed.selection, seed.threshold, seed.scope, seed.granularity) == (
+    original = load["vmoba"]  # the original VMoBA code's semantics
+    assert (original.type, original.selection, original.threshold, original.scope, original.granularity) == (
         "vmoba",
         "threshold",
         0.25,
@@ -136,7 +136,7 @@ def test_attention_yamls_compose_with_their_semantics():
             assert 0.2 <= cfg.topk_for(kind) / layout.num_blocks <= 0.3, (name, kind)
     # The tiny block sizes leave several blocks in every partition of the demo grid (5x8x8 tokens).
     for kind in ("1d", "2d", "3d"):
-        assert vmoba.block_layout((5, 8, 8), kind, seed.block_for(kind)).num_blocks >= 4
+        assert vmoba.block_layout((5, 8, 8), kind, original.block_for(kind)).num_blocks >= 4
 
 
 # ---------------------------------------------------------------- builders

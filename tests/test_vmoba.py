@@ -195,8 +195,9 @@ def test_1d_partition_of_a_dividing_grid_is_the_identity():
 # ---------------------------------------------------------------- selection semantics
 
 
-def seed_threshold(scores, own, tau):
-    """The seed's per-(head, query) threshold rule, written as loops: scores [R, C] -> bool [R, C]."""
+def original_threshold(scores, own, tau):
+    """The original VMoBA code's per-(head, query) threshold rule, written as loops:
+    scores [R, C] -> bool [R, C]."""
     out = torch.zeros(scores.shape, dtype=torch.bool)
     for r in range(scores.shape[0]):
         g = scores[r].double()
@@ -214,7 +215,7 @@ def seed_threshold(scores, own, tau):
 
 
 @pytest.mark.parametrize("granularity", ["token", "block"])
-def test_query_scope_matches_the_seed_rules(granularity):
+def test_query_scope_matches_the_original_rules(granularity):
     B, L, H, D, S = 2, 40, 2, 16, 8
     g = torch.Generator().manual_seed(3)
     q, k = (torch.randn(B, L, H, D, generator=g) for _ in range(2))
@@ -225,7 +226,7 @@ def test_query_scope_matches_the_seed_rules(granularity):
     sel = select_blocks(q, k, S, selection="threshold", threshold=0.25, granularity=granularity)
     topk = select_blocks(q, k, S, selection="topk", topk=3, granularity=granularity)
     for b, h in itertools.product(range(B), range(H)):
-        assert torch.equal(sel[b, h], seed_threshold(scores[b, h], own, 0.25))
+        assert torch.equal(sel[b, h], original_threshold(scores[b, h], own, 0.25))
         others = scores[b, h].clone()
         others[torch.arange(len(own)), own] = -torch.inf
         expected = torch.zeros_like(topk[b, h]).scatter(-1, others.topk(2, -1).indices, True)

@@ -1,6 +1,6 @@
 // The `keyed` kernels as warp-specialised Hopper kernels (sm_90a: wgmma, TMA bulk reduce-adds), compiled at
 // first use by NVRTC (vmoba/_keyed_cuda.py); no headers, so NVRTC needs no toolkit. Same contracts as PASS 1
-// and PASS 2 of vmoba/_keyed_kernels.py (bf16, D = 128). docs/benchmarks.md, note 25.
+// and PASS 2 of vmoba/_keyed_kernels.py (bf16, D = 128). docs/notes/25-keyed-wgmma-kernels.md.
 //
 // keyed_forward: per key tile, the gathered query rows' p = exp2(s * scale_log2 - offset) (s = q.k) on valid
 // keys, p @ v added to the fp32 accumulator and the row sums of p to rowsum.
@@ -8,9 +8,10 @@
 // 64-row half of each 128-row query tile: a consumer warpgroup (S = Q K^T and O = P V by wgmma, P from
 // registers), a producer warp (cp.async row gathers into two query buffers) and a reducer warp (a TMA bulk
 // reduce-add of each staged fp32 output row: one warp keeps the L2 reductions going while the tensor cores
-// work, note 22). mbarriers hand the buffers between the roles. Shared tiles are [2 halves of 64 columns]
-// [rows][128 B], the 16-byte chunks of each row XOR-swizzled by row % 8: wgmma's 128-byte swizzle, so one
-// layout serves Q and K (K-major operands) and V (the MN-major B operand of P V).
+// work, docs/notes/22-atomics-and-bulk-reduce.md). mbarriers hand the buffers between the roles. Shared
+// tiles are [2 halves of 64 columns][rows][128 B], the 16-byte chunks of each row XOR-swizzled by row % 8:
+// wgmma's 128-byte swizzle, so one layout serves Q and K (K-major operands) and V (the MN-major B operand
+// of P V).
 typedef unsigned int u32;
 typedef unsigned long long u64;
 typedef long long i64;
@@ -86,13 +87,13 @@ __device__ __forceinline__ u64 desc(u32 addr, u32 lbo, u32 sbo) {
 // Descriptor d moved `bytes` (a multiple of 16) further into shared memory: one 32-bit add to the start field
 // (addr >> 4 in bits 0-13; shared addresses stay below 2^18, so it cannot carry into the next field). Each
 // product's descriptors are a base computed once plus constants: computed whole per product they cost ~15%
-// of the consumers' issue slots (note 29).
+// of the consumers' issue slots (docs/notes/29-descriptors-base-constants.md).
 __device__ __forceinline__ u64 plus(u64 d, u32 bytes) {
   return (d & 0xFFFFFFFF00000000ull) | (u32)((u32)d + (bytes >> 4));
 }
 // x, which the caller knows to be the same in every lane, as the compiler can see it is: from lane 0. Then
 // addresses and descriptors built from it live in uniform registers, as wgmma takes them, instead of being
-// moved there before every product (backward -1 ms, note 29).
+// moved there before every product (backward -1 ms, docs/notes/29-descriptors-base-constants.md).
 __device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit_wait() {
@@ -208,7 +209,7 @@ __device__ __forceinline__ void produce(const int* list, int n, int tile_stride,
     for (int m = 0; m < 2; ++m) {
       // Each lane's row's address (row 0's past the list's end, which copy nothing) and which rows exist: the
       // lanes then shuffle addresses instead of each computing one from a row index per chunk (the 64-bit
-      // multiplies made the producers the backward's bottleneck, note 31).
+      // multiplies made the producers the backward's bottleneck, docs/notes/31-producer-addresses.md).
       const u64 mine = (u64)(src + base + (i64)(my_rows[m] < 0 ? 0 : my_rows[m]) * stride_l);
       const u32 exists = __ballot_sync(0xffffffffu, my_rows[m] >= 0);
 #pragma unroll 4
@@ -221,7 +222,8 @@ __device__ __forceinline__ void produce(const int* list, int n, int tile_stride,
     extra(stage(s), my_rows);
     warp_rows(list, (t + 1) * tile_stride, n, lane, next_rows);
     // The buffer is full once this lane's copies have landed: the mbarrier tracks them, so the warp goes on
-    // to the next buffer at once (waiting here would serialise the roles, note 26).
+    // to the next buffer at once (waiting here would serialise the roles,
+    // docs/notes/26-producer-handover.md).
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar.q_full(s)) : "memory");
   }
   asm volatile("cp.async.wait_all;" ::: "memory");  // no copy outlives its warp
@@ -230,8 +232,9 @@ __device__ __forceinline__ void produce(const int* list, int n, int tile_stride,
 // Reducer warp: once the consumers have staged tile t's 64 fp32 rows (stride OSTRIDE), adds rows first + lane
 // + 32 i (i < PER_LANE) to dst + list[t * tile_stride + r] * stride_l (rows past n skipped), one bulk
 // reduce-add each. One staging buffer is all that fits: it is free again once its rows have been read. The
-// backward splits each tile's 64 rows over two warps (its fourth warp was idle; -0.3 ms, note 28); the SM
-// itself takes a bulk copy every ~45 cycles however many warps issue them (note 30).
+// backward splits each tile's 64 rows over two warps (its fourth warp was idle; -0.3 ms,
+// docs/notes/28-backward-line-profile.md); the SM itself takes a bulk copy every ~45 cycles however many
+// warps issue them (docs/notes/30-forward-reducers-doubled.md).
 template <int PER_LANE>
 __device__ __forceinline__ void reduce(const float* staged, const int* list, int n, int tile_stride, int ntiles,
                                        float* dst, int stride_l, u32 full, u32 empty, int lane, int first) {

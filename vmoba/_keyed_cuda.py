@@ -1,6 +1,7 @@
 """The `keyed` kernels on Hopper: `_keyed.cu` (forward pass 1 and the backward), compiled by NVRTC.
 
-Triton cannot schedule what these passes need on an H100/H200 (docs/benchmarks.md, notes 22-25): the 36.7 GB
+Triton cannot schedule what these passes need on an H100/H200 (docs/notes/22-atomics-and-bulk-reduce.md
+to 25-keyed-wgmma-kernels.md): the 36.7 GB
 of fp32 rows each adds at 55K tokens and 25% density cost >= 9.9 ms however they are issued, so they have to
 run under the matrix products, from a warp of their own (TMA bulk reduce-adds), beside warpgroups on
 wgmma. The CUDA kernels do that: the forward adds exactly what Triton's pass 1 adds, the backward computes
@@ -73,7 +74,8 @@ def _run(name: str, qb: torch.Tensor, starts: torch.Tensor, *args) -> None:
     with torch.cuda.device(qb.device):  # the module and the current stream of q's GPU
         _kernels(qb.device.index)[name](
             # Key tiles fastest: the programs running at once are one head's, whose gathered rows and fp32
-            # accumulator stay in L2; orders mixing heads ran the forward up to 2.2x slower (note 33).
+            # accumulator stay in L2; orders mixing heads ran the forward up to 2.2x slower
+            # (docs/notes/33-launch-order.md).
             grid=(L // BLOCK, B * H, 1),
             block=(THREADS, 1, 1),
             args=[*args, L, C, H, L // BLOCK // C, qb.stride(0), qb.stride(1), D**-0.5],

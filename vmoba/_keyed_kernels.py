@@ -27,8 +27,8 @@ def tile(
         tl.atomic_add(Acc + row_ptrs, o, mask=row_ok[:, None], sem="relaxed")
     elif PASS == 2:  # backward: Stat = lse (log2 units), Stat2 = delta = rowsum(dO * O)
         # Key-major (s^T = k q^T, [BLOCK_N, BLOCK_M]): every product but dq has the 128 keys as its rows,
-        # the shape Hopper's wgmma wants; 1.5x faster than query-major at 55K (note 17). The forward
-        # passes measured faster query-major.
+        # the shape Hopper's wgmma wants; 1.5x faster than query-major at 55K
+        # (docs/notes/17-keyed-row-lists.md). The forward passes measured faster query-major.
         lse = tl.load(Stat + stat_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(Stat2 + stat_base + rows, mask=row_ok, other=0.0)
         do = tl.load(DO + row_ptrs, mask=row_ok[:, None], other=0.0)
@@ -69,7 +69,7 @@ def keyed(
         count = tl.where(tl.load(Skip) != 0, 0, count)
     lanes = tl.arange(0, BLOCK_M)
     # A counted loop over the block's row list, which Triton software-pipelines (STAGES): the next tiles'
-    # rows are loaded while this one computes (docs/benchmarks.md, note 17).
+    # rows are loaded while this one computes (docs/notes/17-keyed-row-lists.md).
     for first in tl.range(0, count, BLOCK_M, num_stages=STAGES):
         row_ok = first + lanes < count
         rows = tl.load(Rows + start + first + lanes, mask=row_ok, other=0)

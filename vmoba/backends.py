@@ -127,8 +127,9 @@ def _warn_once(message: str) -> None:
 
 def resolve(name: str, q: torch.Tensor, granularity: str) -> Backend:
     """The backend that runs this call (`name` in `BACKENDS`). `auto` on CUDA: keyed for token granularity,
-    fa4 for block granularity (the fastest at each: docs/benchmarks.md, notes 10 and 16), flex where those
-    cannot run; reference on CPU. A named backend that cannot run q raises its reason."""
+    fa4 for block granularity (the fastest at each: docs/notes/10-fa4-block-sparse-kernels.md,
+    docs/notes/16-keyed-triton-kernels.md), flex where those cannot run; reference on CPU. A named backend
+    that cannot run q raises its reason."""
     check_name(name)
     if name != "auto":
         backend = REGISTRY[name]

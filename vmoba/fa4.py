@@ -5,7 +5,7 @@ TMA/WGMMA kernels on sm90 (FA3's design) and sm100, and skips tiles from the sam
 `vmoba.tiles` builds for FlexAttention: the key tiles of each query tile (forward, dq) and the query tiles
 of each key tile (dk, dv). It reads [B, L, H, D] as is, so there are no transposes either. At 55K tokens
 on an H100 its tiles run as fast as cuDNN's dense kernel; FlexAttention's reach ~70% of it
-(docs/benchmarks.md, note 10).
+(docs/notes/10-fa4-block-sparse-kernels.md).
 
 Full tiles run unmasked. Partial tiles (padded keys; token granularity's per-query selection) run a CuTe
 `mask_mod` that reads `valid` and the bit-packed selection as auxiliary tensors. Block granularity without

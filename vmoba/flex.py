@@ -15,9 +15,9 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from .tiles import RECOMPILE_LIMIT, TILE, tile_tables
 
 # FlexAttention kernel options by CUDA compute capability, for bf16/fp16 and head dims <= 128. Hopper
-# (H100/H200): TMA loads, -3% fwd+bwd at 55K tokens (docs/benchmarks.md, note 5). 128x128 forward tiles
-# gained another ~1% but overflow shared memory once `mask_mod` reads a table (token granularity).
-# Elsewhere FlexAttention's own per-GPU defaults apply.
+# (H100/H200): TMA loads, -3% fwd+bwd at 55K tokens (docs/notes/05-flex-kernel-options.md). 128x128
+# forward tiles gained another ~1% but overflow shared memory once `mask_mod` reads a table (token
+# granularity). Elsewhere FlexAttention's own per-GPU defaults apply.
 KERNEL_OPTIONS = {(9, 0): {"USE_TMA": True}}
 
 

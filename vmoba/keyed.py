@@ -1,10 +1,10 @@
 """The `keyed` backend: token granularity as key-centric Triton kernels (forward and backward).
 
 At token granularity every query picks its own key blocks, so the 128 queries of a query tile together
-touch almost every key block (98.6% at 25%, docs/benchmarks.md note 9) and a query-tiled kernel does dense
-work under a mask. These kernels turn the loop around, as MoBA's varlen scheme does: one program per
-(key tile of `BLOCK_N` slots, batch, head) gathers the queries that chose its block into dense tiles of
-`BLOCK_M` rows, so only selected (query, key) pairs are computed.
+touch almost every key block (98.6% at 25%, docs/notes/09-token-granularity-on-flex.md) and a
+query-tiled kernel does dense work under a mask. These kernels turn the loop around, as MoBA's varlen
+scheme does: one program per (key tile of `BLOCK_N` slots, batch, head) gathers the queries that chose
+its block into dense tiles of `BLOCK_M` rows, so only selected (query, key) pairs are computed.
 
 A program cannot finish a query's softmax alone (the query's other blocks are other programs'), so:
 
@@ -20,7 +20,7 @@ The queries come from per-block row lists (`row_lists`, CSR: each key block's se
 ascending): a transpose of the selection into bit columns, a count per block, a cumsum, one host sync to
 size the lists (the number of selected pairs, 287 MB of int32 at 55K tokens and 25%), then a compaction.
 The lists make each program's tile loop a counted loop, which Triton software-pipelines; an in-kernel scan
-of the bit columns instead (sync-free) was ~15 ms slower at 55K tokens (docs/benchmarks.md, note 17).
+of the bit columns instead (sync-free) was ~15 ms slower at 55K tokens (docs/notes/17-keyed-row-lists.md).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def column_counts(sel: torch.Tensor, valid: torch.Tensor, bits: torch.Tensor | N
     counts = torch.zeros(B, H, C, dtype=torch.int32, device=sel.device)
     sel8 = sel.contiguous().view(torch.uint8)
     # Tall tiles: 256 rows make 32 whole bytes of each column's bits (0.31 ms at 55K tokens against 0.45
-    # with 64 x 64, note 27).
+    # with 64 x 64, docs/notes/27-gate-and-list-kernels.md).
     grid = (-(-L // 256), -(-C // 32), B * H)
     _kernels().columns[grid](
         sel8, valid.view(torch.uint8), sel8 if bits is None else bits, counts, L, C,

@@ -17,7 +17,7 @@ KeyedTile = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class KernelOptions:
-    """Tuning knobs; every default is the measured best (docs/benchmarks.md, notes cited per field)."""
+    """Tuning knobs; every default is the measured best (the docs/notes/ file is cited per field)."""
 
     # Bytes of fp32 gate scores computed at once. Token scores are [B, H, L, C] (1.1 GB at 55K tokens, 432
     # blocks, 12 heads); scopes that never mix heads take them a few heads at a time instead.
@@ -28,12 +28,13 @@ class KernelOptions:
     # What fa4's backward reads. None: the forward's block-order q, k, v and output, saved (the fastest
     # training step). n: only raster q, k, v and the output are saved, and the backward partitions them
     # again in n head groups, so block-order copies exist for one group at a time: peak memory near dense
-    # attention's (1.01x at n = 6 vs 1.85x, 55K tokens on an H100) for ~2 ms more (docs/benchmarks.md,
-    # note 11).
+    # attention's (1.01x at n = 6 vs 1.85x, 55K tokens on an H100) for ~2 ms more
+    # (docs/notes/11-fa4-low-memory-backward.md).
     fa4_backward_head_groups: int | None = None
-    # `keyed`'s tiles of forward pass 1 (row max), pass 2 and the backward (docs/benchmarks.md, note 17).
+    # `keyed`'s tiles of forward pass 1 (row max), pass 2 and the backward (docs/notes/17-keyed-row-lists.md).
     keyed_tiles: tuple[KeyedTile, KeyedTile, KeyedTile] = ((128, 128, 4, 3), (64, 128, 4, 1), (64, 128, 8, 3))
-    # Bits of a column compacted per step of `keyed`'s row lists (on 2 warps: 0.59 ms at 55K, note 27).
+    # Bits of a column compacted per step of `keyed`'s row lists (on 2 warps: 0.59 ms at 55K,
+    # docs/notes/27-gate-and-list-kernels.md).
     keyed_scan: int = 1024
     # `keyed` on sm_90 (bf16, D = 128): the warp-specialised CUDA kernels (vmoba/_keyed.cu) for forward
     # pass 1 and the backward; False: Triton's everywhere. VMOBA_KEYED_CUDA=0 in the environment overrides

@@ -4,7 +4,7 @@ Gate: a key block is represented by the fp32 mean of its valid keys; a query (to
 query block's fp32 mean (block granularity) scores every key block by a plain dot product (no 1/sqrt(D)).
 Selection then picks blocks per head, sharing its budget over a *scope*:
 
-- `query`: per (head, query row) over its C blocks (the seed's default);
+- `query`: per (head, query row) over its C blocks (the original VMoBA code's default);
 - `head`: over all (query row, block) pairs of a head (the paper's global block selection);
 - `block`: per key block, over all (head, query row) pairs;
 - `overall`: over all (head, query row, block) triples of a batch element.
@@ -162,14 +162,16 @@ def _fused_select(scores, row_valid, rows_per_block: int, selection: str, thresh
     registers). Top-k picks exactly what the sort picks (ties to the lower block); the threshold rule
     sums shares in another order than the sort's cumsum, so a row whose cut lies within rounding of
     `need` may take one block more or fewer. 1.1 GB of token scores at 55K tokens: 1.8 ms (top-k) and 3.2
-    (threshold) instead of the sort's ~26 (docs/benchmarks.md, notes 16 and 27)."""
+    (threshold) instead of the sort's ~26 (docs/notes/16-keyed-triton-kernels.md,
+    docs/notes/27-gate-and-list-kernels.md)."""
     from . import _select_kernels
 
     B, H, R, C = scores.shape
     picked = torch.empty(B, H, R, C, dtype=torch.int8, device=scores.device)
     width = 1 << max(0, C - 1).bit_length()
     # 16 scores per lane: one warp per row at 512 columns (432 blocks at 55K tokens), which took 1.77 ms
-    # for top-k and 3.23 for the threshold rule against 2.32 and 4.43 with 16 rows on 4 warps (note 27).
+    # for top-k and 3.23 for the threshold rule against 2.32 and 4.43 with 16 rows on 4 warps
+    # (docs/notes/27-gate-and-list-kernels.md).
     warps = max(1, min(8, width // 512))
     block_r = max(1, 512 // width)
     kernel, rule = (
@@ -287,7 +289,7 @@ def select(
     rows_per_block = layout.padded_volume if token else 1
 
     # The block means once for all heads: per chunk they were ~15 more small launches, and the gate is
-    # bound by launches once its kernels are fast (note 27).
+    # bound by launches once its kernels are fast (docs/notes/27-gate-and-list-kernels.md).
     k_mean = block_means(kb, layout.padded_volume, valid)
 
     def select_heads(heads: slice) -> torch.Tensor:

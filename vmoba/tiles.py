@@ -8,7 +8,8 @@ selection `[B, H, L, ceil(C / 8)]` (uint8) in token granularity, so nothing is L
 
 The tables come from their own small compiled graph with no sort (a stable partition by cumsum and
 scatter) and no host sync; building them inside FlexAttention's graph with argsorts made the first call
-at 16K-55K tokens compile for minutes on an H100 (docs/benchmarks.md, notes 4 and 6).
+at 16K-55K tokens compile for minutes on an H100 (docs/notes/04-compile-time-grows-with-grid.md,
+docs/notes/06-mask-tables-without-sort.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def _ordered(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """bool [..., N] -> (counts int32 [...], indices int32 [..., N]): the selected columns first, ascending.
 
     A stable partition by two cumsums and one scatter, no sort: sorting costs ~10x more at 432 tiles and,
-    compiled, generated sort kernels that took minutes to build (docs/benchmarks.md, note 4).
+    compiled, generated sort kernels that took minutes to build
+    (docs/notes/04-compile-time-grows-with-grid.md).
     """
     t = tiles.to(torch.int32)
     counts = t.sum(-1, dtype=torch.int32)

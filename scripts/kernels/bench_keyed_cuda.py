@@ -1,8 +1,9 @@
 """The `keyed` kernels on Hopper: the warp-specialised CUDA kernels against the Triton ones, pass by pass.
 
 Times `keyed.accumulate` and `keyed.backward_pass` on the CUDA kernels (vmoba/_keyed.cu: wgmma consumer
-warpgroups, cp.async gather warps, TMA bulk reduce-add warps; docs/benchmarks.md, notes 25-31) against the
-same calls on Triton's pass 1 and backward, on the same inputs, selection, row lists and norm-bound offsets, in one process.
+warpgroups, cp.async gather warps, TMA bulk reduce-add warps; docs/notes/25-keyed-wgmma-kernels.md to
+31-producer-addresses.md) against the same calls on Triton's pass 1 and backward, on the same inputs,
+selection, row lists and norm-bound offsets, in one process.
 Checks first that both compute the same values (relative difference <= 1e-4 for the fp32 outputs, 2e-2
 for the bf16 dk, dv), or exits non-zero.
 

@@ -3,8 +3,8 @@
 For one grid and top-k density: dense cuDNN forward+backward as the baseline, the gate, then forward
 pass 1 (row max), pass 2 (exp @ v with atomics) and the backward alone for each (gathered queries, keys per
 program, warps, pipeline stages) in `--tiles`, and forward+backward of the best combination against cuDNN,
-in one process. The defaults live in `vmoba.KernelOptions.keyed_tiles` (docs/benchmarks.md, notes 16
-and 17).
+in one process. The defaults live in `vmoba.KernelOptions.keyed_tiles` (docs/notes/16-keyed-triton-kernels.md,
+docs/notes/17-keyed-row-lists.md).
 
     python scripts/kernels/bench_keyed_tiles.py --grid 24x36x64 --density 0.25
 """
