@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from training.summary import SUMMARY_KEYS
+
 log = logging.getLogger(__name__)
 
 PARTS_DIR = "pipeline"  # <run_dir>/checkpoints/pipeline: the run's one copy of the shared parts
@@ -166,15 +168,7 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-CARD_METRICS = (
-    "final_loss",
-    "val_loss",
-    "recall/mean",
-    "density/mean",
-    "tokens_per_s",
-    "step_time",
-    "mem_gb",
-)
+CARD_METRICS = tuple(k for k in SUMMARY_KEYS if k != "time")  # the sweep table's columns but wall time
 
 
 def write_model_card(
