@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     device: str | None = None
+    name: str | None = None  # the run's wandb name, as summary.json records it
 
     def series(self, key: str, source: str = "metrics", x: str = "step") -> tuple[list[float], list[float]]:
         """`(x values, key values)` of the records (of `metrics` or `evals`) that have both."""
@@ -57,8 +59,34 @@ def load_run(path: str | Path, label: str) -> Run:
     summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
     return Run(
         path, label, config or {}, read_jsonl(path / "metrics.jsonl"), read_jsonl(path / "eval.jsonl"),
-        summary.get("device"),
+        summary.get("device"), summary.get("name"),
     )  # fmt: skip
+
+
+def wandb_identity(run: Run) -> dict[str, Any]:
+    """What the report's wandb run records of one compared run: its dir, its wandb name (the dir's name if
+    it has no summary.json), its wandb run id (`<run>/wandb/run_id`, kept by training.logger; None when the
+    run logged with wandb disabled) and its `wandb.group`, from the config of its last segment (a resume
+    may set one: `config.resume-<step>.yaml`)."""
+    id_file = run.path / "wandb" / "run_id"
+    segments = sorted(run.path.glob("config.resume-*.yaml"))
+    config = yaml.safe_load(segments[-1].read_text()) if segments else run.config
+    return {
+        "run_dir": str(run.path.resolve()),
+        "name": run.name or run.path.name,
+        "wandb_id": id_file.read_text().strip() if id_file.is_file() else None,
+        "wandb_group": (config or {}).get("wandb", {}).get("group"),
+    }
+
+
+def comparison_group(vmoba: Run, baseline: Run) -> str:
+    """The wandb group of the report's run: the two runs' own group when they share one, else the name of
+    the dir that holds both (`outputs/demo/{vmoba,full}` -> `demo`), else `compare-<vmoba>-vs-<baseline>`."""
+    groups = {wandb_identity(run)["wandb_group"] for run in (vmoba, baseline)}
+    if len(groups) == 1 and None not in groups:
+        return groups.pop()
+    parent = Path(os.path.commonpath([vmoba.path.resolve(), baseline.path.resolve()])).name
+    return parent or f"compare-{vmoba.path.name}-vs-{baseline.path.name}"
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -395,14 +423,17 @@ def _markdown(vmoba: Run, baseline: Run, rows: list[list[str]], plots: dict[str,
 
 
 def log_to_wandb(
-    out_dir: Path, rows, header, plots: dict[str, Path], fid, mode: str, project: str, name: str
-) -> None:
-    """Logs the table, the plots and the fidelity numbers as one wandb run under `out_dir/wandb`."""
+    out_dir: Path, rows, header, plots: dict[str, Path], fid, mode: str, project: str, name: str,
+    compared: dict[str, dict[str, Any]], group: str,
+) -> None:  # fmt: skip
+    """Logs the table, the plots and the fidelity numbers as one wandb run under `out_dir/wandb`, in the
+    compared runs' `group`, with `compared` (role -> `wandb_identity`) as its config."""
     import wandb
 
     run = wandb.init(
-        project=project, name=name, dir=str(out_dir), mode=mode, job_type="compare", reinit="create_new"
-    )
+        project=project, name=name, group=group, config=compared, dir=str(out_dir), mode=mode,
+        job_type="compare", reinit="create_new",
+    )  # fmt: skip
     try:
         payload = {f"report/{k}": wandb.Image(str(p)) for k, p in plots.items()}
         payload["report/table"] = wandb.Table(columns=header, data=rows)
@@ -448,5 +479,7 @@ def write_report(
     if wandb_mode != "disabled":
         header = ["metric", *labels, f"{labels[0]} / {labels[1]}"]
         name = f"compare-{vmoba.path.name}-vs-{baseline.path.name}"
-        log_to_wandb(out_dir, rows, header, plots, fid, wandb_mode, wandb_project, name)
+        compared = {"vmoba": wandb_identity(vmoba), "baseline": wandb_identity(baseline)}
+        group = comparison_group(vmoba, baseline)
+        log_to_wandb(out_dir, rows, header, plots, fid, wandb_mode, wandb_project, name, compared, group)
     return report

@@ -65,11 +65,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def launch(args: argparse.Namespace) -> tuple[Path, Path]:
-    """Trains the VMoBA and the full-attention run from the same overrides (same seed, same data)."""
+    """Trains the VMoBA and the full-attention run from the same overrides (same seed, same data), in one
+    wandb group named after `--out`, which the report's run joins (a `wandb.group=` override comes later and
+    wins)."""
     runs = {"vmoba": args.out / "runs" / "vmoba", "full": args.out / "runs" / "full"}
     only = {"vmoba": args.vmoba_set, "full": []}  # the full config has no VMoBA keys to override
+    group = f"wandb.group={args.out.resolve().name}"
     for name, attention in (("vmoba", args.vmoba_attention), ("full", "full")):
-        cmd = [*shlex.split(args.launcher), str(REPO / "train.py"), f"attention={attention}", *args.overrides]
+        cmd = [*shlex.split(args.launcher), str(REPO / "train.py"), f"attention={attention}", group]
+        cmd += args.overrides
         cmd += only[name]
         cmd.append(f"hydra.run.dir={runs[name].resolve()}")
         print("+", shlex.join(cmd), flush=True)

@@ -24,16 +24,15 @@ OUT = ROOT / "outputs" / "demo"
 
 
 def steps(overrides: list[str]) -> list[tuple[str, list[str]]]:
-    """(title, argv) for each stage; `overrides` go to both training runs."""
+    """(title, argv) for each stage; `overrides` go to both training runs (after `wandb.group=demo`, which
+    puts both runs and the report's run in one wandb group; a later override wins)."""
     vmoba, full = OUT / "vmoba", OUT / "full"
+    shared = [f"wandb.group={OUT.name}", *overrides]
     return [
         ("demo dataset", ["scripts/make_demo_dataset.py"]),
         ("latent + text cache", ["scripts/cache_latents.py"]),
-        ("train tiny Wan with VMoBA", ["train.py", "attention=vmoba", f"hydra.run.dir={vmoba}", *overrides]),
-        (
-            "train full-attention baseline",
-            ["train.py", "attention=full", f"hydra.run.dir={full}", *overrides],
-        ),
+        ("train tiny Wan with VMoBA", ["train.py", "attention=vmoba", f"hydra.run.dir={vmoba}", *shared]),
+        ("train full-attention baseline", ["train.py", "attention=full", f"hydra.run.dir={full}", *shared]),
         (
             "sample from the VMoBA checkpoint",
             ["sample.py", f"checkpoint={vmoba}", f"output_dir={OUT / 'samples'}"],

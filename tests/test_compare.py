@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import matplotlib.image
@@ -106,7 +107,87 @@ def test_report_from_two_run_dirs(two_runs, tmp_path):
         image = matplotlib.image.imread(out / f"{name}.png")
         assert image.shape[0] > 100 and image.std() > 0.01, name  # a drawn figure, not a blank canvas
         assert f"({name}.png)" in text
-    assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "no offline wandb run was written"
+    # Runs with no wandb group of their own: the report's run is grouped by the dir that holds both.
+    run = offline_run_record(out)
+    assert run.run_group == two_runs.name and run.job_type == "compare"
+    assert _config(run)["baseline"]["run_dir"] == str((two_runs / "full").resolve())
+
+
+def offline_run_record(wandb_parent: Path):
+    """The RunRecord (id, group, job type, config) of the one offline wandb run under `wandb_parent/wandb`,
+    read from its `.wandb` file: offline wandb writes no config.yaml, and wandb ships no reader. The file is
+    a LevelDB-style log: a 7-byte header, then 32 KiB blocks of chunks, each a 7-byte header (crc32, length,
+    kind: 1 full, 2 first, 3 middle, 4 last) and a piece of a serialised `Record`."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = (wandb_parent / "wandb").glob("offline-run-*/run-*.wandb")
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", path
+    pos, pieces = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        pieces, pos = pieces + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pieces)
+            if record.WhichOneof("record_type") == "run":
+                return record.run
+            pieces = b""
+    raise AssertionError(f"{path}: no run record")
+
+
+def _config(run) -> dict:
+    return {item.key: json.loads(item.value_json) for item in run.config.update}
+
+
+def test_report_run_records_the_compared_runs_and_joins_their_group(two_runs, tmp_path):
+    """The report's wandb run names both runs (dir, name, wandb id) in its config and is in their group,
+    which the baseline set only when resuming (its last segment's config)."""
+    runs = tmp_path / "runs"
+    shutil.copytree(two_runs, runs)
+    for role, run_id in (("vmoba", "vm000001"), ("full", "fu000002")):
+        (runs / role / "wandb").mkdir()
+        (runs / role / "wandb" / "run_id").write_text(run_id)
+    (runs / "vmoba" / "summary.json").write_text(json.dumps({"name": "attention=vmoba,seed=0"}))
+    config = yaml.safe_load((runs / "vmoba" / "config.yaml").read_text())
+    grouped = yaml.safe_dump({**config, "wandb": {"group": "ablation"}})
+    (runs / "vmoba" / "config.yaml").write_text(grouped)
+    (runs / "full" / "config.resume-000010.yaml").write_text(grouped)
+
+    report.write_report(runs / "vmoba", runs / "full", tmp_path / "out", wandb_mode="offline")
+    run = offline_run_record(tmp_path / "out")
+    assert run.run_group == "ablation" and run.display_name == "compare-vmoba-vs-full"
+    compared = _config(run)
+    assert compared["vmoba"] == {
+        "run_dir": str((runs / "vmoba").resolve()),
+        "name": "attention=vmoba,seed=0",
+        "wandb_id": "vm000001",
+        "wandb_group": "ablation",
+    }
+    assert compared["baseline"] == {
+        "run_dir": str((runs / "full").resolve()),
+        "name": "full",  # no summary.json: the dir's name
+        "wandb_id": "fu000002",
+        "wandb_group": "ablation",
+    }
+
+
+def test_trainer_logs_into_the_configured_wandb_group(tmp_path):
+    """`wandb.group` reaches the training run's wandb record (with the run id kept in `wandb/run_id`)."""
+    from training.config import WandbConfig
+    from training.logger import RunLogger
+
+    cfg = WandbConfig(mode="offline", group="ablation")
+    logger = RunLogger(tmp_path, cfg, name="attention=vmoba", config={"seed": 0}, total_steps=1)
+    logger.close()
+    run = offline_run_record(tmp_path)
+    assert run.run_group == "ablation" and run.run_id == (tmp_path / "wandb" / "run_id").read_text()
+    assert _config(run)["seed"] == 0
 
 
 def test_report_without_common_samples_or_evals(two_runs, tmp_path):

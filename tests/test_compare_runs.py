@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 
 from data.cache import cache_dataset
@@ -123,6 +124,13 @@ def test_compare_launch_trains_both_runs_and_reports(overrides, tmp_path, launch
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     _check_report(tmp_path / "report")
     assert "type: full" in (tmp_path / "report" / "runs" / "full" / "config.yaml").read_text()
+    # Both runs in one wandb group named after --out, which the report's run records and joins.
+    from test_compare import offline_run_record
+
+    for run in ("vmoba", "full"):
+        config = yaml.safe_load((tmp_path / "report" / "runs" / run / "config.yaml").read_text())
+        assert config["wandb"]["group"] == "report", run
+    assert offline_run_record(tmp_path / "report").run_group == "report"
 
 
 def test_evaluate_rejects_bad_overrides_naming_the_key(runs):

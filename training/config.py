@@ -286,6 +286,9 @@ class WandbConfig:
     project: str = "vmoba"
     entity: str | None = None
     name: str | None = None
+    # Runs compared with each other share one (scripts/compare.py --launch and `make demo` set it), so the
+    # comparison report's run joins them in the wandb UI.
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self):

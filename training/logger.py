@@ -65,8 +65,8 @@ class RunLogger:
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             self.wandb = wandb.init(
-                project=cfg.project, entity=cfg.entity, name=name, tags=list(cfg.tags), config=config,
-                dir=str(self.run_dir), mode=cfg.mode, id=run_id, resume="allow",
+                project=cfg.project, entity=cfg.entity, name=name, group=cfg.group, tags=list(cfg.tags),
+                config=config, dir=str(self.run_dir), mode=cfg.mode, id=run_id, resume="allow",
             )  # fmt: skip
         self.bar = tqdm(total=total_steps, initial=start_step, desc=name or "train", dynamic_ncols=True)
 
