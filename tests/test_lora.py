@@ -3,13 +3,17 @@ resume is exact; the exported adapter loads into diffusers' `WanPipeline` and sa
 does; the original Wan / ComfyUI file has the original module names and maps back through diffusers'
 own converter."""
 
-import shutil
-
 import pytest
 import safetensors.torch
 import torch
 from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
-from test_train import cache, make_cfg, records  # noqa: F401  (cache: the module's latent cache)
+from test_train import (  # noqa: F401  (cache: the module's latent cache)
+    assert_same_steps,
+    cache,
+    interrupted_copy,
+    make_cfg,
+    records,
+)
 
 from models import lora
 from models.config import AttentionConfig, TransformerConfig
@@ -110,14 +114,9 @@ def test_lora_resume_gives_the_uninterrupted_losses(cache, tmp_path):  # noqa: F
     full = tmp_path / "full"
     train(make_cfg(cache, *overrides), full)
     resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_000004")
-    (resumed / "checkpoints" / "latest").write_text("step_000002\n")
+    interrupted_copy(full, resumed)
     train(make_cfg(cache, *overrides), resumed)
-    a, b = records(full / "metrics.jsonl"), records(resumed / "metrics.jsonl")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for key in ("loss", "grad_norm", "lr"):
-        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert_same_steps(records(full / "metrics.jsonl"), records(resumed / "metrics.jsonl"))
     x = safetensors.torch.load_file(full / "checkpoints/step_000004/lora" / lora.DIFFUSERS_FILE)
     y = safetensors.torch.load_file(resumed / "checkpoints/step_000004/lora" / lora.DIFFUSERS_FILE)
     assert all(torch.equal(x[k], y[k]) for k in x)

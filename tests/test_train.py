@@ -72,6 +72,20 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def interrupted_copy(full: Path, resumed: Path) -> None:
+    """`resumed` = the 4-step run `full` as it was after its step-2 checkpoint (later records are rewound)."""
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    (resumed / "checkpoints" / "latest").write_text("step_000002\n")
+
+
+def assert_same_steps(a: list[dict], b: list[dict]) -> None:
+    """Two runs' metrics.jsonl records: steps 1-4, the same loss, grad norm and LR at each."""
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
 def test_one_step_changes_weights_and_writes_the_run_dir(cache, tmp_path):
     from train import train
 
@@ -176,17 +190,11 @@ def test_resume_from_latest_gives_the_uninterrupted_losses(cache, tmp_path):
     )
     full = tmp_path / "full"
     train(make_cfg(cache, *overrides), full)
-    # An interrupted run: the same dir as it was after the step-2 checkpoint (later records are rewound).
     resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_000004")
-    (resumed / "checkpoints" / "latest").write_text("step_000002\n")
+    interrupted_copy(full, resumed)
     train(make_cfg(cache, *overrides), resumed)
 
-    a, b = records(full / "metrics.jsonl"), records(resumed / "metrics.jsonl")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for key in ("loss", "grad_norm", "lr"):
-        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert_same_steps(records(full / "metrics.jsonl"), records(resumed / "metrics.jsonl"))
     assert [r["val_loss"] for r in records(full / "eval.jsonl")] == [
         r["val_loss"] for r in records(resumed / "eval.jsonl")
     ]
