@@ -168,6 +168,11 @@ def runs(four_clips, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("name", ["dp", "sp"])
 def test_deepspeed_launcher_data_and_sequence_parallel_match_one_process(runs, name):
     run = runs[name]
+    # Throughput counts every data-parallel group's real tokens once: 2 clips of 3x2x2 tokens per step
+    # (two ranks of one clip, or one clip pair split over two SP ranks), shared by the 2 GPUs.
+    for record in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
+        assert record["tokens_per_s"] * record["step_time"] == pytest.approx(2 * 12)
+        assert record["tokens_per_s_per_gpu"] == pytest.approx(record["tokens_per_s"] / 2)
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert json.loads((latest / "complete.json").read_text())["world_size"] == 2
     _assert_close(run, runs["single"])
