@@ -393,7 +393,9 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path}: no DeepSpeed state in {path / DS_TAG}")
         if resharded:
             # A fresh optimizer holds the schedule's first LR until its next step: take the restored one.
-            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+            for group, lr in zip(
+                engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr(), strict=True
+            ):
                 group["lr"] = lr
             if self.rank == 0:
                 log.warning(
