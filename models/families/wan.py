@@ -29,6 +29,26 @@ _wan_tiny = partial(
     rope_max_seq_len=256,
 )
 
+# Mid-size Wan for training from scratch (the quality experiment, configs/experiment/quality.yaml): width
+# 768 = 6 heads x 128 (the head dim of Wan-2.1 and of the Hopper kernels; RoPE splits it 44/42/42 over
+# t/h/w), 12 layers (the 1D/2D/3D cycle four times), FFN 4x = 3072; 118M parameters. Sized for the
+# tiny encoders (VAE z_dim 4, UMT5 d_model 32), so clips cache fast.
+_wan_mid = partial(
+    WanTransformer3DModel,
+    patch_size=(1, 2, 2),
+    num_attention_heads=6,
+    attention_head_dim=128,
+    in_channels=4,
+    out_channels=4,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=3072,
+    num_layers=12,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+
 # Wan-2.1-T2V-1.3B (the released config.json): width 1536 = 12 heads x 128, 30 layers.
 _wan_1_3b = partial(
     WanTransformer3DModel,
@@ -104,7 +124,7 @@ def wan_call(module, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor
 FAMILY = Family(
     name="wan",
     model_class=WanTransformer3DModel,
-    archs={"tiny": _wan_tiny, "wan2.1-1.3b": _wan_1_3b},
+    archs={"tiny": _wan_tiny, "wan-mid": _wan_mid, "wan2.1-1.3b": _wan_1_3b},
     blocks=lambda model: model.blocks,
     grid=wan_grid,
     processor=WanSelfAttnProcessor,
