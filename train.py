@@ -266,7 +266,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, name: str = "") -> dict:
 @hydra_main(TrainConfig, "train")  # validates everything before any work (a user error: one line, exit 2)
 def main(config: TrainConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    name = config.wandb.name or ",".join(hydra_cfg.overrides.task) or "default"
+    # Named by what the run changes; its wandb group (which make demo and compare.py --launch set) shows apart.
+    changes = [o for o in hydra_cfg.overrides.task if not o.lstrip("+").startswith("wandb.group=")]
+    name = config.wandb.name or ",".join(changes) or "default"
     train(config, hydra_cfg.runtime.output_dir, name)
 
 

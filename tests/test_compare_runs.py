@@ -130,6 +130,8 @@ def test_compare_launch_trains_both_runs_and_reports(overrides, tmp_path, launch
     for run in ("vmoba", "full"):
         config = yaml.safe_load((tmp_path / "report" / "runs" / run / "config.yaml").read_text())
         assert config["wandb"]["group"] == "report", run
+        summary = json.loads((tmp_path / "report" / "runs" / run / "summary.json").read_text())
+        assert summary["name"].startswith("attention=") and "wandb.group" not in summary["name"], run
     assert offline_run_record(tmp_path / "report").run_group == "report"
 
 
