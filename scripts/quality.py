@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -75,8 +76,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _run(cmd: list[str], what: str) -> None:
+    """Run one stage's command. A SIGTERM or SIGINT to this script is passed on to the stage (train.py then
+    finishes its step, saves a checkpoint and exits) and ends the script there, so a time limit
+    (`timeout -s TERM 540 python scripts/quality.py`, a scheduler's preemption) loses nothing: the same
+    command continues where it stopped."""
     print("+", shlex.join(cmd), flush=True)
-    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+    child = subprocess.Popen(cmd, cwd=REPO)
+    stops: list[int] = []
+
+    def forward(signum: int, frame) -> None:
+        stops.append(signum)
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stops:
+        sys.exit(
+            f"quality.py: {signal.Signals(stops[0]).name} during {what} (its command exited {code}); "
+            "the same command continues from there"
+        )
+    if code != 0:
         sys.exit(f"quality.py: {what} failed (command above)")
 
 

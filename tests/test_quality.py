@@ -2,12 +2,15 @@
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data.video_io import read_video
 from scripts.make_quality_dataset import COLOURS, load_objects, make_quality_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_dataset_is_deterministic_and_objects_move_as_stated(tmp_path):
@@ -56,3 +59,29 @@ def test_quality_tiny_end_to_end(tmp_path, monkeypatch):
         assert c["vmoba"]["val_loss"] is not None and c["equal_time"] is not None
         assert 0 < c["vmoba"]["mean_density"] < 1 and len(c["recall"]) == 3
     assert (tmp_path / "samples.png").is_file() and "![sample frames" in (tmp_path / "results.md").read_text()
+
+
+def test_a_sigterm_to_quality_py_reaches_the_running_stage_and_ends_the_script(tmp_path):
+    """`timeout -s TERM ... scripts/quality.py` (a device's time limit, a preemption): the stage running
+    (train.py) gets the signal, so it saves its checkpoint, and the script stops instead of going on."""
+    import signal
+    import subprocess
+    import time
+
+    ready, got = tmp_path / "ready", tmp_path / "got"
+    stage = (  # a stand-in for train.py's handler: record the signal, exit 0 as train.py does after saving
+        "import signal, sys, time, pathlib\n"
+        f"signal.signal(signal.SIGTERM, lambda s, f: (pathlib.Path({str(got)!r}).write_text('TERM'), sys.exit(0)))\n"
+        f"pathlib.Path({str(ready)!r}).write_text('')\n"
+        "time.sleep(120)\n"
+    )
+    script = f"from scripts.quality import _run\n_run([{sys.executable!r}, '-c', {stage!r}], 'the stage')\n"
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert got.read_text() == "TERM"
+    assert proc.returncode == 1 and "SIGTERM during the stage (its command exited 0)" in err, err
