@@ -27,8 +27,6 @@ import argparse
 import dataclasses
 import json
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+
+from scripts.stage_runner import run_stage, stopped_message  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (label, train.py attention overrides); the experiment config sets the blocks and the threshold.
@@ -76,29 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _run(cmd: list[str], what: str) -> None:
-    """Run one stage's command. A SIGTERM or SIGINT to this script is passed on to the stage (train.py then
-    finishes its step, saves a checkpoint and exits) and ends the script there, so a time limit
-    (`timeout -s TERM 540 python scripts/quality.py`, a scheduler's preemption) loses nothing: the same
-    command continues where it stopped."""
+    """Run one stage's command; a SIGTERM/SIGINT reaches it and ends the script (scripts/stage_runner.py)."""
     print("+", shlex.join(cmd), flush=True)
-    child = subprocess.Popen(cmd, cwd=REPO)
-    stops: list[int] = []
-
-    def forward(signum: int, frame) -> None:
-        stops.append(signum)
-        child.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        code = child.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if stops:
-        sys.exit(
-            f"quality.py: {signal.Signals(stops[0]).name} during {what} (its command exited {code}); "
-            "the same command continues from there"
-        )
+    code, stop = run_stage(cmd, cwd=REPO)
+    if stop:
+        sys.exit(stopped_message("quality.py", stop, what, code))
     if code != 0:
         sys.exit(f"quality.py: {what} failed (command above)")
 

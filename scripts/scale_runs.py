@@ -53,6 +53,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts.stage_runner import run_stage, stopped_message  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("data", "dp", "resume", "sp")
 SPEEDUP_TARGET = 0.9  # of N: the issues ask >= 1.8x on 2 GPUs, >= 7.2x on 8
@@ -181,21 +183,24 @@ def launch_env(rehearse: bool) -> dict[str, str]:
 
 def run_logged(cmd: list[str], log: Path, what: str, env: dict, extra_env: dict | None = None) -> float:
     """Run `cmd` from the repo root with stdout and stderr into `log`; returns its seconds. A failure raises
-    StageError naming the log, the command and the log's last lines."""
+    StageError naming the log, the command and the log's last lines; a SIGTERM/SIGINT reaches `cmd` and ends
+    the script (scripts/stage_runner.py)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"  + {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        rc = subprocess.run(
+        code, stop = run_stage(
             cmd, cwd=REPO, env={**env, **(extra_env or {})}, stdout=f, stderr=subprocess.STDOUT
         )
     seconds = time.perf_counter() - start
-    if rc.returncode != 0:
+    if stop:  # a time limit or a preemption: what is kept continues on the same command
+        sys.exit(stopped_message("scale_runs.py", stop, f"{what} (log {log})", code))
+    if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise StageError(
-            f"{what} failed (exit {rc.returncode}) after {seconds:.0f} s\n  log: {log}\n  command: "
+            f"{what} failed (exit {code}) after {seconds:.0f} s\n  log: {log}\n  command: "
             f"{shlex.join(cmd)}\n  last lines of the log:\n{tail}"
         )
     print(f"    {what}: {seconds:.0f} s (log {log})", flush=True)
