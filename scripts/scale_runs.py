@@ -308,31 +308,37 @@ def save_text_encoder(setup: Setup) -> Path:
     here on the GPU (seconds), seeded, in the config's dtype; its values differ from the CPU build's but
     are as random, and nothing measured here depends on them (the captions only feed cross-attention). The
     tokenizer is the local word-level one `arch` uses."""
-    import torch
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from models.encoders import DTYPES, TEXT_ARCHS, build_tokenizer
-
     folder = setup.out / "text_encoder"
     if (folder / "done.json").is_file():
         return folder
     cfg = compose_config(setup, []).model.text_encoder
     start = time.perf_counter()
-    tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[0] if setup.device == "cuda" else []), torch.device(setup.device):
-        torch.manual_seed(0)
-        model = UMT5EncoderModel(
-            UMT5Config(dropout_rate=0.0, **{"vocab_size": len(tokenizer), **TEXT_ARCHS[cfg.arch]})
-        )
-    model.to(DTYPES[cfg.dtype]).save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
-    del model
+    # In a process of its own: this one never holds a CUDA context or the encoder's memory on GPU 0,
+    # which the training runs it launches need.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_build_text_encoder, folder, cfg.arch, cfg.dtype, setup.device).result()
     (folder / "done.json").write_text(json.dumps({"arch": cfg.arch, "dtype": cfg.dtype}))
     print(
         f"  random {cfg.arch} text encoder saved to {folder} in {time.perf_counter() - start:.0f} s",
         flush=True,
     )
     return folder
+
+
+def _build_text_encoder(folder: Path, arch: str, dtype: str, device: str) -> None:
+    import torch
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from models.encoders import DTYPES, TEXT_ARCHS, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[0] if device == "cuda" else []), torch.device(device):
+        torch.manual_seed(0)
+        model = UMT5EncoderModel(
+            UMT5Config(dropout_rate=0.0, **{"vocab_size": len(tokenizer), **TEXT_ARCHS[arch]})
+        )
+    model.to(DTYPES[dtype]).save_pretrained(folder / "text_encoder")
+    tokenizer.save_pretrained(folder / "tokenizer")
 
 
 def model_overrides(setup: Setup) -> list[str]:
