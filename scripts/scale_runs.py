@@ -133,6 +133,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def sp_degree(gpus: int, heads: int) -> int:
+    """The sequence-parallel degree of the sp stage: the largest P <= 4 dividing the GPUs and the heads
+    (2 on 2 GPUs; 4 on 8 for Wan-2.1-1.3B's 12 heads, the other factor data parallel)."""
+    return max(p for p in range(1, min(gpus, 4) + 1) if gpus % p == 0 and heads % p == 0)
+
+
 def make_setup(args: argparse.Namespace) -> Setup:
     import torch
 
@@ -143,7 +149,7 @@ def make_setup(args: argparse.Namespace) -> Setup:
         sys.exit(f"scale_runs.py: --gpus {args.gpus}, but {torch.cuda.device_count()} CUDA devices")
     r = args.rehearse
     heads = 2 if r else 12  # tiny Wan: 2 heads; Wan-2.1-1.3B: 12
-    sp = max(p for p in range(1, min(args.gpus, 4) + 1) if args.gpus % p == 0 and heads % p == 0)
+    sp = sp_degree(args.gpus, heads)
     steps = args.steps or (4 if r else 25)
     resume_steps = args.resume_steps or (1 if r else 3)
     if not 0 < resume_steps < steps:
@@ -517,21 +523,23 @@ def dp_comparison(runs: dict, gpus: int, device: str) -> dict:
 # ----------------------------------------------------------------------------- 3. resume on another count
 
 
+def resume_plans(setup: Setup) -> dict[str, tuple[str, int, list[str]]]:
+    """name -> (the dp run whose checkpoint it loads, processes, overrides) of the two resumed runs."""
+    n, allow = setup.gpus, "checkpoint.allow_changes=[world_size,train.batch_size]"
+    return {
+        f"resume-{n}to1": (f"dp{n}-zero2", 1, [allow, f"train.batch_size={n}"]),
+        f"resume-1to{n}": ("dp1", n, [allow, "train.batch_size=1", "deepspeed=zero2"]),
+    }
+
+
 def stage_resume(setup: Setup) -> dict:
     """Step `saved` of the N-process ZeRO-2 run resumed on one process, and the one-process run's on N."""
     data, dp = staged(setup, "data", stage_data), staged(setup, "dp", stage_dp)
-    n, saved = setup.gpus, setup.steps - setup.resume_steps
-    common = [
-        *dp_overrides(setup, data, setup.steps),
-        "checkpoint.allow_changes=[world_size,train.batch_size]",
-    ]
+    saved = setup.steps - setup.resume_steps
+    common = dp_overrides(setup, data, setup.steps)
     reference = {int(k): v for k, v in dp["runs"]["dp1"]["losses"].items()}
-    plans = {
-        f"resume-{n}to1": (f"dp{n}-zero2", 1, [f"train.batch_size={n}"]),
-        f"resume-1to{n}": ("dp1", n, ["train.batch_size=1", "deepspeed=zero2"]),
-    }
     runs = {}
-    for name, (source, processes, overrides) in plans.items():
+    for name, (source, processes, overrides) in resume_plans(setup).items():
         checkpoint = Path(dp["runs"][source]["dir"]) / "checkpoints" / f"step_{saved:06d}"
         run = train(
             setup, name, [*common, *overrides, f"checkpoint.load={checkpoint}"], processes, setup.steps
@@ -612,7 +620,7 @@ def sp_grids(setup: Setup, text_len: int) -> dict:
 
 def long_clip_data(setup: Setup, data: dict, t: int, name: str) -> list[str]:
     """Data overrides of a cache holding one clip of `t` latent frames (4(t-1)+1 video frames at the dp
-    clips' size), and that cache made.
+    clips' size) in `<out>/sp/<name>/` (its one-line source list written; `cache` makes the cache).
 
     Which clip: the first dp clip (81 frames, 16 fps) read at a higher `data.fps`, so each of its frames is
     repeated about 4(t-1)/80 times (data/clips.py's resampling), then VAE-encoded like any clip. Why not a
@@ -639,8 +647,15 @@ def long_clip_data(setup: Setup, data: dict, t: int, name: str) -> list[str]:
         f"data.frames={frames}", f"data.height={h}", f"data.width={w}", f"data.buckets=[[{frames},{h},{w}]]",
         f"data.fps={fps:.6f}", "data.val_fraction=0.0", "data.decode_workers=0", "data.num_workers=0",
     ]  # fmt: skip
-    cache(setup, f"cache-{name}", [*model_overrides(setup), *overrides], 1)
     return overrides
+
+
+def sp_layout(setup: Setup) -> list[str]:
+    """The sp runs' parallel layout: one clip per SP group of `setup.sp` ranks, the rest data parallel."""
+    return [
+        "train.batch_size=1", f"train.sequence_parallel={setup.sp}", f"deepspeed=zero{setup.sp_zero}",
+        f"train.steps={setup.sp_steps}", f"checkpoint.every={setup.sp_steps}", "checkpoint.keep=1",
+    ]  # fmt: skip
 
 
 def stage_sp(setup: Setup) -> dict:
@@ -650,10 +665,7 @@ def stage_sp(setup: Setup) -> dict:
     if grids["long"] == 0:
         raise StageError(f"the memory plan fits no clip on {setup.gpus} GPUs of {setup.gpu_mem:.0f} GiB")
     n, sp = setup.gpus, setup.sp
-    layout = [
-        "train.batch_size=1", f"train.sequence_parallel={sp}", f"deepspeed=zero{setup.sp_zero}",
-        f"train.steps={setup.sp_steps}", f"checkpoint.every={setup.sp_steps}", "checkpoint.keep=1",
-    ]  # fmt: skip
+    layout = sp_layout(setup)
     # The measured H200 peaks past 440K tokens needed expandable segments (docs/benchmarks.md).
     extra_env = None if setup.rehearse else {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     plan = [
@@ -665,6 +677,7 @@ def stage_sp(setup: Setup) -> dict:
     for label, attention, t in plan:
         name = f"sp{sp}x{n // sp}-{label}-t{t}"
         overrides = long_clip_data(setup, data, t, f"t{t}")
+        cache(setup, f"cache-t{t}", [*model_overrides(setup), *overrides], 1)
         common = [*common_overrides(setup), *attention_overrides(setup, attention), *overrides, *layout]
         run = train(setup, name, common, n, setup.sp_steps, extra_env)
         records = read_metrics(Path(run["dir"]))

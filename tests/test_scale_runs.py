@@ -88,6 +88,51 @@ def test_results_markdown_says_pass_and_fail():
     assert "n/a on CPU" in text and "FAIL" not in text
 
 
+@pytest.mark.parametrize("gpus", [2, 8])
+def test_the_gpu_runs_overrides_make_valid_configs_of_the_stated_shapes(gpus, tmp_path):
+    """The GPU-only command lines (which the CPU rehearsal does not run) compose and validate through
+    train.py's config: 32,760-token dp clips, ZeRO-2/3, the resumed runs' allowed changes, and SP layouts
+    that divide the GPUs and Wan-2.1-1.3B's 12 heads over the long clip's frames."""
+    wan = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
+    for part in ("transformer", "vae", "text_encoder", "tokenizer"):  # the folder layout validation checks
+        (wan / part).mkdir(parents=True)
+    args = sr.parse_args(["--gpus", str(gpus), "--pretrained", str(wan), "--out", str(tmp_path / "out")])
+    setup = sr.Setup(
+        gpus=gpus, rehearse=False, out=tmp_path / "out", pretrained=str(wan), steps=25, resume_steps=3,
+        warmup=5, sp_steps=3, frames=81, height=480, width=832, source_size=832, sp=sr.sp_degree(gpus, 12),
+        sp_zero=3 if gpus == 8 else 2, gpu_mem=140.0, full_step_s=30.0, max_long_t=4096,
+    )  # fmt: skip
+    assert args.pretrained == setup.pretrained and setup.sp == {2: 2, 8: 4}[gpus]
+    clip = tmp_path / "clip.mp4"
+    clip.with_suffix(".txt").write_text("a red disc moving right")
+    data = {"val_key": f"s{gpus}/clip", "clips": [str(clip)]}
+
+    def config(overrides):
+        cfg = sr.compose_config(setup, [o for o in overrides if o != "model=wan2.1-1.3b"])
+        return cfg, ((cfg.data.frames - 1) // 4 + 1) * (cfg.data.height // 16) * (cfg.data.width // 16)
+
+    common = sr.dp_overrides(setup, data, 22)
+    for processes, overrides in sr.dp_runs(setup).values():
+        cfg, tokens = config([*common, *overrides])
+        assert tokens == 32_760 and cfg.model.transformer.arch is None  # the pretrained folder's transformer
+        assert cfg.train.batch_size * processes == gpus and cfg.train.steps == 25
+    for source, processes, overrides in sr.resume_plans(setup).values():
+        assert source in sr.dp_runs(setup)
+        cfg, _ = config([*common, *overrides, f"checkpoint.load={tmp_path}"])
+        assert {"world_size", "train.batch_size"} <= set(cfg.checkpoint.allow_changes)
+        assert cfg.train.batch_size * processes == gpus
+    for t in (2, 680):
+        cfg, tokens = config([
+            *sr.common_overrides(setup), *sr.attention_overrides(setup, "full" if t == 2 else "vmoba"),
+            *sr.long_clip_data(setup, data, t, f"t{t}"), *sr.sp_layout(setup),
+        ])  # fmt: skip
+        sp = cfg.train.sequence_parallel
+        assert sp == setup.sp and gpus % sp == 0 and 12 % sp == 0 and cfg.deepspeed.stage == setup.sp_zero
+        assert tokens == t * setup.frame_tokens and cfg.data.frames == 4 * (t - 1) + 1
+        # The 81-frame clip read fast enough to fill every frame of the long one (80 intervals at 16 fps).
+        assert cfg.data.fps * 80 / 16 >= cfg.data.frames - 1
+
+
 # ----------------------------------------------------------------------------- the whole rehearsal
 
 
