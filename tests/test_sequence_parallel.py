@@ -6,8 +6,9 @@ one-rank ones, for every partition (1D, 2D, 3D: the tiny model's three layers), 
 granularity, full attention, and a token grid (3x3x3 = 27 tokens) that does not divide by the 2 ranks.
 
 On 2 GPUs (NCCL; `gpu`, skipped with fewer): the same variants in fp32 (TF32 off) to the same bound, and
-the GPU kernels (`backend=auto`) in bf16 on a 512-token grid, whose SP error against an fp32 reference is
-bounded by the one-rank bf16 run's error against it.
+the GPU kernels (`backend=auto`: keyed for token granularity, fa4 or flex for block) in bf16 on the
+mid-size Wan (head dim 128) over a 512-token grid, whose SP error against an fp32 reference-backend run is
+bounded by the one-GPU bf16 run's error against it.
 """
 
 import os
@@ -47,12 +48,12 @@ def _forward_backward(model, latents, timestep, text, target):
     return out.detach(), grads
 
 
-# The GPU kernels' variant: bf16 on an 8x8x8 token grid (latents [1, 4, 8, 16, 16]), blocks that make
-# every partition selective.
-KERNELS = dict(
-    latent=(1, 4, 8, 16, 16), dtype=torch.bfloat16,
-    attention=dict(backend="auto", block_1d=2, block_2d=[4, 4], block_3d=[2, 4, 4], threshold=0.3),
-)  # fmt: skip
+# The GPU kernels' variants: what `backend=auto` runs in training (keyed for token granularity, fa4 or flex
+# for block), which need a head dim of 128 (or 16-64): the mid-size Wan (6 heads x 128, 12 layers), bf16,
+# on an 8x8x8 token grid (latents [1, 4, 8, 16, 16]) with blocks that make every partition selective.
+KERNEL_LATENT = (1, 4, 8, 16, 16)
+KERNEL_BLOCKS = dict(backend="auto", block_1d=2, block_2d=[4, 4], block_3d=[2, 4, 4], threshold=0.3)
+KERNEL_VARIANTS = {"kernels-token": dict(granularity="token"), "kernels-block": dict(granularity="block")}
 
 
 def _worker(rank: int, port: int, queue, gpu: bool) -> None:
@@ -75,19 +76,21 @@ def _worker(rank: int, port: int, queue, gpu: bool) -> None:
         for name, variant in VARIANTS.items()
     }
     if gpu:
-        results["kernels"] = _compare(rank, KERNELS["attention"], KERNELS["latent"], KERNELS["dtype"], device)
+        for name, variant in KERNEL_VARIANTS.items():
+            attention = {**KERNEL_BLOCKS, **variant}
+            results[name] = _compare(rank, attention, KERNEL_LATENT, torch.bfloat16, device, arch="wan-mid")
     if rank == 0:
         queue.put(results)
     dist.destroy_process_group()
 
 
-def _run(attention: dict, latent, dtype, device, inputs, sequence_parallel: bool):
-    """Forward + backward of tiny Wan (seed 3) in `dtype` on `device`; with `sequence_parallel`, over the
+def _run(attention: dict, arch: str, dtype, device, inputs, sequence_parallel: bool):
+    """Forward + backward of Wan `arch` (seed 3) in `dtype` on `device`; with `sequence_parallel`, over the
     world, gradients summed over the ranks (as DeepSpeed sums the SP group's). Returns (out, grads, density
     of layer 1 averaged over the ranks)."""
     from models.sequence_parallel import enable_sequence_parallel
 
-    model = build_transformer(TransformerConfig(arch="tiny", seed=3)).to(device, dtype)
+    model = build_transformer(TransformerConfig(arch=arch, seed=3)).to(device, dtype)
     controller = install_attention(model, AttentionConfig(**attention))
     if sequence_parallel:
         enable_sequence_parallel(model, controller, dist.group.WORLD)
@@ -101,7 +104,7 @@ def _run(attention: dict, latent, dtype, device, inputs, sequence_parallel: bool
     return out.double(), {n: g.double() for n, g in grads.items()}, density.item()
 
 
-def _compare(rank: int, attention: dict, latent, dtype, device) -> dict:
+def _compare(rank: int, attention: dict, latent, dtype, device, arch: str = "tiny") -> dict:
     """One variant on this rank: the SP run and the one-rank run in `dtype`, each against the one-rank
     run in float32 with the reference backend (reported by rank 0)."""
     g = torch.Generator().manual_seed(7)  # the same inputs on every rank, fresh per variant
@@ -113,15 +116,15 @@ def _compare(rank: int, attention: dict, latent, dtype, device) -> dict:
         torch.randn(*latent, generator=g),  # the target
     )
     exact = {**attention, "backend": "reference"}
-    ref_out, ref_grads, ref_density = _run(exact, latent, torch.float32, device, inputs, False)
+    ref_out, ref_grads, ref_density = _run(exact, arch, torch.float32, device, inputs, False)
 
     def errors(out, grads) -> tuple[float, float]:
         return (out - ref_out).abs().max().item(), max(
             (grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads
         )
 
-    out, grads, density = _run(attention, latent, dtype, device, inputs, True)
-    one_out, one_grads, _ = _run(attention, latent, dtype, device, inputs, False)
+    out, grads, density = _run(attention, arch, dtype, device, inputs, True)
+    one_out, one_grads, _ = _run(attention, arch, dtype, device, inputs, False)
     (out_err, grad_err), (one_out_err, one_grad_err) = errors(out, grads), errors(one_out, one_grads)
     return {
         "out": out_err, "one_out": one_out_err, "scale": ref_out.abs().max().item(),
@@ -166,10 +169,10 @@ def gpu_results() -> dict:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA devices (NCCL)")
-@pytest.mark.parametrize("name", [*VARIANTS, "kernels"])
+@pytest.mark.parametrize("name", [*VARIANTS, *KERNEL_VARIANTS])
 def test_two_gpu_nccl_sequence_parallel_equals_one_gpu(gpu_results, name):
     r = gpu_results[name]
-    if name != "kernels":
+    if name in VARIANTS:
         _assert_exact(r)
         assert abs(r["density"] - r["ref_density"]) < 1e-6, r
         return
