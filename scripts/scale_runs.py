@@ -42,7 +42,6 @@ import json
 import multiprocessing
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,11 +65,10 @@ LOSS_TOL = {"cpu": 1e-5, "cuda": 1e-2}
 # (video tokens, seconds). `full_step_seconds` fits a L + b L^2 through them to pick the full-attention
 # length of the sp stage.
 FULL_STEPS_H200 = [(55_296, 5.9), (110_592, 20.51), (221_184, 77.6), (331_776, 172.9)]
-MOMENTS_RESTART = "the optimizer's moments restart from zero"  # training/resume.py's log line
 
 
 class StageError(RuntimeError):
-    """A subprocess failed: the message names its log and command."""
+    """A subprocess failed or was stopped by a signal: the message names its log and command."""
 
 
 @dataclass
@@ -139,32 +137,40 @@ def sp_degree(gpus: int, heads: int) -> int:
     return max(p for p in range(1, min(gpus, 4) + 1) if gpus % p == 0 and heads % p == 0)
 
 
-def make_setup(args: argparse.Namespace) -> Setup:
+def probe_device(args: argparse.Namespace) -> tuple[str, float | None]:
+    """("cuda", the first GPU's GiB) for the GPU runs, ("cpu", None) when rehearsing; exits naming what is
+    missing otherwise."""
     import torch
 
-    device = "cuda" if torch.cuda.is_available() and not args.rehearse else "cpu"
-    if device == "cpu" and not args.rehearse:
+    if args.rehearse:
+        return "cpu", None
+    if not torch.cuda.is_available():
         sys.exit("scale_runs.py: no CUDA device; the CPU runs the rehearsal: --rehearse")
-    if device == "cuda" and torch.cuda.device_count() < args.gpus:
+    if torch.cuda.device_count() < args.gpus:
         sys.exit(f"scale_runs.py: --gpus {args.gpus}, but {torch.cuda.device_count()} CUDA devices")
+    return "cuda", torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def make_setup(args: argparse.Namespace, device: str, device_gib: float | None = None) -> Setup:
+    """The sizes of every stage from the command line, for `device` ("cuda" or "cpu") with `device_gib` of
+    memory per GPU (`probe_device`); `--gpu-mem` overrides it (default 141 without one)."""
+    from scripts.plan_memory import model_shape
+
     r = args.rehearse
-    heads = 2 if r else 12  # tiny Wan: 2 heads; Wan-2.1-1.3B: 12
-    sp = sp_degree(args.gpus, heads)
     steps = args.steps or (4 if r else 25)
     resume_steps = args.resume_steps or (1 if r else 3)
     if not 0 < resume_steps < steps:
         sys.exit(f"scale_runs.py: --resume-steps must be in [1, --steps), got {resume_steps}")
-    gpu_mem = args.gpu_mem or (
-        torch.cuda.get_device_properties(0).total_memory / 2**30 if device == "cuda" else 141.0
-    )
     out = args.out or REPO / "outputs" / ("scale_rehearsal" if r else f"scale_{args.gpus}gpu")
     setup = Setup(
         gpus=args.gpus, rehearse=r, out=out.resolve(), pretrained=args.pretrained, steps=steps,
         resume_steps=resume_steps, warmup=args.warmup if args.warmup is not None else (1 if r else 5),
         sp_steps=args.sp_steps, frames=9 if r else 81, height=32 if r else 480, width=32 if r else 832,
-        source_size=32 if r else 832, sp=sp, sp_zero=2 if args.gpus <= 2 else 3, gpu_mem=gpu_mem,
-        full_step_s=args.full_step_s, max_long_t=12 if r else 4096, device=device,
+        source_size=32 if r else 832, sp=1, sp_zero=2 if args.gpus <= 2 else 3,
+        gpu_mem=args.gpu_mem or device_gib or 141.0, full_step_s=args.full_step_s,
+        max_long_t=12 if r else 4096, device=device,
     )  # fmt: skip
+    setup.sp = sp_degree(args.gpus, model_shape(setup.arch).heads)
     setup.env = launch_env(r)
     return setup
 
@@ -202,7 +208,7 @@ def run_logged(cmd: list[str], log: Path, what: str, env: dict, extra_env: dict 
         )
     seconds = time.perf_counter() - start
     if stop:  # a time limit or a preemption: what is kept continues on the same command
-        sys.exit(stopped_message("scale_runs.py", stop, f"{what} (log {log})", code))
+        raise StageError(stopped_message("scale_runs.py", stop, f"{what} (log {log})", code))
     if code != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise StageError(
@@ -215,10 +221,9 @@ def run_logged(cmd: list[str], log: Path, what: str, env: dict, extra_env: dict 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """The run's `metrics.jsonl` records, in order ([] when there is none)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    from training.summary import read_jsonl
+
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def run_complete(run_dir: Path, steps: int) -> bool:
@@ -252,17 +257,13 @@ def losses_by_step(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_command(setup: Setup, overrides: list[str], processes: int) -> list[str]:
     """`python train.py ...` (one process) or `deepspeed --num_gpus N train.py ...` (the launcher run as
     `python -m deepspeed.launcher.runner`, which is what the `deepspeed` script calls; on a free port)."""
     if processes == 1:
         return [sys.executable, "train.py", *overrides]
+    from training.engine import free_port
+
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes)]
     return [*launcher, "--master_port", str(free_port()), "train.py", *overrides]
 
@@ -347,10 +348,15 @@ def _build_text_encoder(folder: Path, arch: str, dtype: str, device: str) -> Non
     tokenizer.save_pretrained(folder / "tokenizer")
 
 
+def model_base(setup: Setup) -> list[str]:
+    """The model config group: Wan-2.1-1.3B for the GPU runs, the tiny default when rehearsing."""
+    return [] if setup.rehearse else ["model=wan2.1-1.3b"]
+
+
 def model_overrides(setup: Setup) -> list[str]:
     """The model: Wan-2.1-1.3B (random, or `--pretrained`), or the tiny default when rehearsing; the text
     encoder from the folder `save_text_encoder` writes."""
-    base = [] if setup.rehearse else ["model=wan2.1-1.3b"]
+    base = model_base(setup)
     if setup.pretrained:
         return [*base, f"model.pretrained={setup.pretrained}"]
     folder = save_text_encoder(setup)
@@ -374,7 +380,7 @@ def compose_config(setup: Setup, overrides: list[str]):
 
     from training.config import load_config
 
-    base = [] if setup.rehearse else ["model=wan2.1-1.3b"]
+    base = [o for o in model_base(setup) if o not in overrides]  # a run's overrides hold it already
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         return load_config(compose("train", overrides=[*base, *overrides]))
 
@@ -534,6 +540,8 @@ def resume_plans(setup: Setup) -> dict[str, tuple[str, int, list[str]]]:
 
 def stage_resume(setup: Setup) -> dict:
     """Step `saved` of the N-process ZeRO-2 run resumed on one process, and the one-process run's on N."""
+    from training.checkpoint import MOMENTS_RESTART  # the line its log says it with
+
     data, dp = staged(setup, "data", stage_data), staged(setup, "dp", stage_dp)
     saved = setup.steps - setup.resume_steps
     common = dp_overrides(setup, data, setup.steps)
@@ -831,7 +839,7 @@ def write_results(setup: Setup, command: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup = make_setup(args)
+    setup = make_setup(args, *probe_device(args))
     setup.out.mkdir(parents=True, exist_ok=True)
     command = "python scripts/scale_runs.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     bodies = {"data": stage_data, "dp": stage_dp, "resume": stage_resume, "sp": stage_sp}

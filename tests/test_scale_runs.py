@@ -11,7 +11,7 @@ import pytest
 from conftest import fresh_env
 
 from scripts import scale_runs as sr
-from scripts.plan_memory import GiB, Layout, estimate
+from scripts.plan_memory import GiB, Layout, estimate, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,11 +26,10 @@ def test_longest_frames_is_the_last_that_fits():
 def test_grid_choice_is_the_longest_clip_the_memory_plan_fits():
     """On a pretend 0.01 GiB GPU the tiny model's plan admits some frames but not all: the chosen T fits,
     T + 1 does not; the full-attention pair is half of it when rehearsing."""
-    setup = sr.Setup(
-        gpus=2, rehearse=True, out=Path("/nonexistent"), pretrained=None, steps=4, resume_steps=1, warmup=1,
-        sp_steps=3, frames=9, height=32, width=32, source_size=32, sp=2, sp_zero=2, gpu_mem=0.01,
-        full_step_s=30.0, max_long_t=100_000,
-    )  # fmt: skip
+    args = sr.parse_args(["--rehearse", "--gpu-mem", "0.01", "--out", "/nonexistent"])
+    setup = sr.make_setup(args, "cpu")
+    setup.max_long_t = 100_000  # the rehearsal's cap (12) would end the search before the memory does
+    assert (setup.gpus, setup.sp, setup.sp_zero, setup.gpu_mem) == (2, 2, 2, 0.01)  # tiny Wan: 2 heads
 
     def peak(t):
         return (
@@ -96,19 +95,22 @@ def test_the_gpu_runs_overrides_make_valid_configs_of_the_stated_shapes(gpus, tm
     wan = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
     for part in ("transformer", "vae", "text_encoder", "tokenizer"):  # the folder layout validation checks
         (wan / part).mkdir(parents=True)
+    load_model("wan2.1-1.3b").save_config(wan / "transformer")  # the released config: 12 heads
     args = sr.parse_args(["--gpus", str(gpus), "--pretrained", str(wan), "--out", str(tmp_path / "out")])
-    setup = sr.Setup(
-        gpus=gpus, rehearse=False, out=tmp_path / "out", pretrained=str(wan), steps=25, resume_steps=3,
-        warmup=5, sp_steps=3, frames=81, height=480, width=832, source_size=832, sp=sr.sp_degree(gpus, 12),
-        sp_zero=3 if gpus == 8 else 2, gpu_mem=140.0, full_step_s=30.0, max_long_t=4096,
-    )  # fmt: skip
+    setup = sr.make_setup(args, "cuda", 140.0)
     assert args.pretrained == setup.pretrained and setup.sp == {2: 2, 8: 4}[gpus]
+    assert (setup.sp_zero, setup.gpu_mem, setup.steps, setup.frame_tokens) == (
+        {2: 2, 8: 3}[gpus],
+        140.0,
+        25,
+        1560,
+    )
     clip = tmp_path / "clip.mp4"
     clip.with_suffix(".txt").write_text("a red disc moving right")
     data = {"val_key": f"s{gpus}/clip", "clips": [str(clip)]}
 
     def config(overrides):
-        cfg = sr.compose_config(setup, [o for o in overrides if o != "model=wan2.1-1.3b"])
+        cfg = sr.compose_config(setup, overrides)
         return cfg, ((cfg.data.frames - 1) // 4 + 1) * (cfg.data.height // 16) * (cfg.data.width // 16)
 
     common = sr.dp_overrides(setup, data, 22)

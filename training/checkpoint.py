@@ -48,6 +48,8 @@ from training.ema import EMA
 from training.export import PARTS_DIR, export_pipeline
 
 log = logging.getLogger(__name__)
+# Logged when a checkpoint resumes on another number of ranks (scripts/scale_runs.py looks for it).
+MOMENTS_RESTART = "the optimizer's moments restart from zero"
 
 DS_TAG = "deepspeed"
 COMPLETE = "complete.json"
@@ -400,8 +402,8 @@ class Checkpointer:
             if self.rank == 0:
                 log.warning(
                     "checkpoint %s was saved by %d ranks and resumes on %d: weights, LR schedule, step, EMA and "
-                    "data epoch restored; the optimizer's moments restart from zero (ZeRO shards its states "
-                    "per rank)", path, saved_world, _world_size(),
+                    "data epoch restored; %s (ZeRO shards its states per rank)", path, saved_world, _world_size(),
+                    MOMENTS_RESTART,
                 )  # fmt: skip
         if rng is not None:
             set_rng_state(rng, generators)

@@ -21,7 +21,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         # A plain `python train.py` has no launcher env: make a one-process group on a free local port.
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -32,7 +32,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (a rendezvous port)."""
     import socket
 
     with socket.socket() as s:
